@@ -1,0 +1,123 @@
+"""Score a network on paired benchmarks: PSNR/SSIM on Y, per image and mean, written to ``results/<name>/``."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from tqdm import tqdm
+
+from condiquant import metrics
+from condiquant.archs import build_network, load_pretrained
+from condiquant.config import to_dict
+from condiquant.data.paired import PairedImageFolder, write_image
+from condiquant.inference import super_resolve
+from condiquant.options import TestOptions, ValOptions
+from condiquant.quant.checkpoint import build_quantized, quant_options_of
+from condiquant.runtime import configure, fresh_dir, setup_logger, timestamp
+
+_REFERENCES = Path(__file__).with_name("references.yml")
+
+
+@dataclass
+class DatasetScore:
+    name: str
+    psnr: float
+    ssim: float
+    seconds: float
+    images: List[Dict[str, float]] = field(default_factory=list)
+
+
+def load_references(key: Optional[str]) -> Dict[str, Dict]:
+    """Published/reference numbers for ``key`` (see references.yml); empty when none."""
+    if not key:
+        return {}
+    table = yaml.safe_load(_REFERENCES.read_text())
+    return table.get(key, {})
+
+
+def to_uint8(t: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in 0..1 -> HxWx3 uint8, clamped and rounded like every SR test script."""
+    return (t[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+def score_dataset(model: nn.Module, data: PairedImageFolder, scale: int, val: ValOptions, device: torch.device,
+                  save_dir: Optional[Path] = None) -> DatasetScore:
+    crop = scale if val.crop_border is None else val.crop_border
+    images = []
+    start = time.perf_counter()
+    for pair in tqdm(data, total=len(data), desc=f"{data.name} x{scale}", leave=False):
+        lq = torch.from_numpy(pair.lq).permute(2, 0, 1)[None].float().div(255.0).to(device)
+        sr = to_uint8(super_resolve(model, lq, scale, val.window_pad, val.tile, val.tile_overlap))
+        if sr.shape != pair.gt.shape:
+            raise RuntimeError(f"{data.name}/{pair.name}: SR output {sr.shape} != HR {pair.gt.shape}")
+        images.append({"name": pair.name,
+                       "psnr": metrics.psnr(sr, pair.gt, crop, val.test_y_channel),
+                       "ssim": metrics.ssim(sr, pair.gt, crop, val.test_y_channel)})
+        if save_dir is not None:
+            suffix = f"_{val.suffix}" if val.suffix else ""
+            write_image(save_dir / data.name / f"{pair.name}{suffix}.png", sr)
+    return DatasetScore(data.name, float(np.mean([r["psnr"] for r in images])),
+                        float(np.mean([r["ssim"] for r in images])), time.perf_counter() - start, images)
+
+
+def build_model(opts: TestOptions, source: str, device: torch.device) -> nn.Module:
+    """The FP network with its weights, or the quantized one when the checkpoint holds quantizer bounds."""
+    path = opts.path.pretrain_network_g
+    if path and Path(path).is_file() and quant_options_of(Path(path)) is not None:
+        return build_quantized(Path(path), opts.network_g, source).eval().to(device)
+    model = build_network(opts.network_g, f"{source} network_g")
+    if path:
+        load_pretrained(model, path, opts.path.param_key_g, opts.path.strict_load_g)
+    return model.eval().to(device)
+
+
+def format_table(scores: List[DatasetScore], references: Dict[str, Dict]) -> str:
+    """Markdown table: ours, then the reference in its own clearly labelled columns."""
+    lines = ["| dataset | ours PSNR | ours SSIM | reference PSNR | reference SSIM | reference source |",
+             "|---|---|---|---|---|---|"]
+    for s in scores:
+        ref = references.get(s.name, {})
+        rp = f"{ref['psnr']:.3f}" if "psnr" in ref else "–"
+        rs = f"{ref['ssim']:.4f}" if "ssim" in ref else "–"
+        lines.append(f"| {s.name} | {s.psnr:.3f} | {s.ssim:.4f} | {rp} | {rs} | {ref.get('source', '–')} |")
+    return "\n".join(lines)
+
+
+def run_test(opts: TestOptions, source: str, command: str = "") -> List[DatasetScore]:
+    """The whole ``test.py`` job; ``source`` names the options file in messages."""
+    device = configure(opts.device, opts.num_threads)
+    # Build everything that can fail on bad input before anything is written.
+    model = build_model(opts, source, device)
+    datasets = [PairedImageFolder(d, opts.scale, f"{source} datasets.{key}") for key, d in opts.datasets.items()]
+    out_dir = fresh_dir(Path("results") / opts.name)
+    logger = setup_logger(out_dir / f"test_{opts.name}_{timestamp()}.log")
+    if command:
+        logger.info("command: %s", command)
+    logger.info("resolved options:\n%s", yaml.safe_dump(to_dict(opts), sort_keys=False))
+    references = load_references(opts.reference)
+    scores = []
+    for data in datasets:
+        save_dir = out_dir / "visualization" if opts.val.save_img else None
+        score = score_dataset(model, data, opts.scale, opts.val, device, save_dir)
+        logger.info("%s: PSNR %.4f dB, SSIM %.4f (%d images, %.1f s)", score.name, score.psnr, score.ssim,
+                    len(score.images), score.seconds)
+        scores.append(score)
+    table = format_table(scores, references)
+    header = (f"# {opts.name}\n\nProduced by `{command or 'python test.py -opt ' + source}`.\n"
+              f"PSNR/SSIM on Y (BT.601, +16), crop border {opts.val.crop_border or opts.scale}, "
+              f"window padding `{opts.val.window_pad}`. Reference columns are not ours.\n\n")
+    (out_dir / "metrics.md").write_text(header + table + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps({
+        "name": opts.name, "command": command, "options": to_dict(opts),
+        "datasets": {s.name: {"psnr": s.psnr, "ssim": s.ssim, "seconds": s.seconds, "images": s.images}
+                     for s in scores},
+        "reference": references}, indent=2))
+    logger.info("results in %s\n%s", out_dir, table)
+    return scores

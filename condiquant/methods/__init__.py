@@ -1,0 +1,16 @@
+"""One module per PTQ method; ``METHODS`` maps the YAML ``method:`` value to its entry point."""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch.nn as nn
+
+from condiquant.methods import baselines, twodquant
+from condiquant.methods.context import PTQContext
+
+METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
+    "minmax": baselines.minmax,
+    "percentile": baselines.percentile,
+    "dobi": baselines.dobi,
+    "2dquant": twodquant.run,
+}

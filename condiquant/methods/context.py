@@ -1,0 +1,54 @@
+"""What every PTQ method receives: the FP model, options, calibration data, output folder, logger."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from condiquant.data.calib import CalibrationImages
+from condiquant.options import QuantOptions, TrainOptions
+from condiquant.quant.attach import attach_quantizers
+from condiquant.quant.calibrate import ObserverSpec, init_bounds
+
+
+@dataclass
+class PTQContext:
+    opts: TrainOptions
+    quant: QuantOptions  # placement resolved for the arch
+    fp_model: nn.Module  # never modified: the teacher
+    calib: CalibrationImages
+    exp_dir: Path
+    logger: logging.Logger
+    device: torch.device
+    resume: Optional[Path] = None  # a DQC training state to continue from
+
+    @property
+    def input_range(self) -> float:
+        return float(getattr(self.fp_model, "input_range", 1.0))
+
+    def quantized_copy(self) -> nn.Module:
+        model = copy.deepcopy(self.fp_model)
+        names = attach_quantizers(model, self.quant)
+        if not names:
+            raise ValueError("quant.placement matched no module: nothing would be quantized")
+        self.logger.info("quantized %d modules (%s ... %s)", len(names), names[0], names[-1])
+        return model
+
+    def calibration_batches(self) -> list:
+        """The seeded bound-initialisation crops, in chunks."""
+        c = self.opts.calib
+        crops = self.calib.random_crops(c.num_patches, c.patch_size, np.random.default_rng(c.seed))
+        return [chunk.to(self.device) for chunk in crops.split(c.chunk_size)]
+
+    def init_bounds(self, model: nn.Module, observer: str) -> None:
+        b = self.opts.bound_init
+        spec = ObserverSpec(observer, b.percentile, b.dobi_steps, b.max_samples, self.opts.calib.seed)
+        n = init_bounds(model, self.calibration_batches(), spec, self.quant.placement.one_direction,
+                        self.input_range)
+        self.logger.info("initialised %d quantizers with %s", n, observer)

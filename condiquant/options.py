@@ -1,0 +1,195 @@
+"""Option schemas shared by ``test.py`` and ``train.py`` (BasicSR key names where BasicSR has one)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional
+
+from condiquant.config import ConfigError
+
+WindowPad = Literal["none", "flip_next", "flip_plus_one", "reflect_next"]
+
+
+@dataclass
+class DatasetOptions:
+    """One paired benchmark: HR folder, LR folder (generated MATLAB-exactly when absent)."""
+
+    name: str
+    dataroot_gt: str
+    # Default: <dataroot_gt>/../LR_bicubic/X{scale}, the EDSR/2DQuant benchmark layout.
+    dataroot_lq: Optional[str] = None
+    # LR file stem from the HR stem; '{}x4' for the official benchmark files. {scale} is filled in too.
+    filename_tmpl: str = "{}x{scale}"
+    # Make missing LR files from HR with MATLAB-exact bicubic (cached in dataroot_lq).
+    generate_lq: bool = True
+
+
+@dataclass
+class PathOptions:
+    pretrain_network_g: Optional[str] = None
+    # 'auto': params_ema if present, else params, else the file is a plain state dict.
+    param_key_g: str = "auto"
+    strict_load_g: bool = True
+
+
+@dataclass
+class ValOptions:
+    save_img: bool = False
+    suffix: Optional[str] = None
+    crop_border: Optional[int] = None  # None: the scale, as in every SR table
+    test_y_channel: bool = True
+    # How LR images are padded to a multiple of the model's window before inference (PSNR depends on it):
+    # none: the network's own handling; flip_next: flip-concatenate to the next multiple (2DQuant);
+    # flip_plus_one: flip-concatenate to (h // w + 1) * w (official SwinIR test script);
+    # reflect_next: reflect-pad to the next multiple (BasicSR SwinIRModel).
+    window_pad: WindowPad = "none"
+    tile: int = 0  # LR tile size for large images; 0 = whole image
+    tile_overlap: int = 32
+
+    def validate(self, where: str) -> None:
+        if self.tile < 0 or self.tile_overlap < 0:
+            raise ConfigError(f"{where}.tile: tile and tile_overlap must be >= 0")
+        if self.tile and self.tile_overlap >= self.tile:
+            raise ConfigError(f"{where}.tile_overlap: must be smaller than tile ({self.tile})")
+
+
+@dataclass
+class TestOptions:
+    """``python test.py -opt options/test.yml``."""
+
+    name: str
+    scale: int
+    network_g: Dict[str, Any]
+    datasets: Dict[str, DatasetOptions]
+    path: PathOptions = field(default_factory=PathOptions)
+    val: ValOptions = field(default_factory=ValOptions)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # Key of condiquant/references.yml whose published numbers are printed beside ours.
+    reference: Optional[str] = None
+
+    def validate(self, where: str) -> None:
+        if self.scale < 1:
+            raise ConfigError(f"{where} scale: must be a positive integer, got {self.scale}")
+        if "type" not in self.network_g:
+            raise ConfigError(f"{where} network_g.type: required key is missing")
+        if not self.datasets:
+            raise ConfigError(f"{where} datasets: at least one dataset is required")
+
+
+QuantTarget = Literal["Linear", "Conv2d", "MatMul"]
+ObserverName = Literal["minmax", "percentile", "dobi"]
+
+
+@dataclass
+class PlacementOptions:
+    """Where quantizers go. Unset fields take the arch's preset (``condiquant/quant/presets.py``).
+
+    Patterns: ``*`` matches one dotted name component, ``**`` any number (``layers.*`` = the RSTBs).
+    """
+
+    targets: Optional[List[QuantTarget]] = None  # module types that get quantizers
+    include: Optional[List[str]] = None  # module names considered
+    skip: Optional[List[str]] = None  # kept full precision
+    high_precision: Optional[List[str]] = None  # quantized at high_precision_bit (e.g. first/last layers)
+    high_precision_bit: int = 8
+    split_qkv: Optional[List[str]] = None  # Linear layers quantized as 3 output chunks (q, k, v)
+    # Quantizer-name patterns searched one-directionally by DOBI (post-softmax / post-GELU inputs).
+    one_direction: Optional[List[str]] = None
+    # Block outputs compared by the feature losses (DQC / SAFT).
+    feature_modules: Optional[List[str]] = None
+
+
+@dataclass
+class QuantOptions:
+    w_bit: int
+    a_bit: int
+    w_granularity: Literal["tensor", "channel"] = "tensor"
+    placement: PlacementOptions = field(default_factory=PlacementOptions)
+
+    def validate(self, where: str) -> None:
+        from condiquant.quant.quantizer import SUPPORTED_BITS
+
+        for key in ("w_bit", "a_bit"):
+            if getattr(self, key) not in SUPPORTED_BITS:
+                raise ConfigError(f"{where}.{key}: unsupported bit-width {getattr(self, key)} "
+                                  f"(supported: {', '.join(map(str, SUPPORTED_BITS))})")
+
+
+@dataclass
+class CalibOptions:
+    """Calibration data: seeded LR crops of the calibration images; never a test set."""
+
+    roots: List[str] = field(default_factory=lambda: ["datasets/calib/T91", "datasets/calib/BSD200"])
+    val_fraction: float = 0.1  # images held out for validation (split by image)
+    split_seed: int = 0
+    num_patches: int = 32  # bound-initialisation batch (2DQuant: 32 LR crops of 64x64)
+    patch_size: int = 64
+    chunk_size: int = 8  # patches per forward during bound initialisation (memory)
+    seed: int = 0
+    val_patch_size: int = 96  # LR centre crop of each validation image
+
+
+@dataclass
+class BoundInitOptions:
+    # Settings of the observer the method uses (minmax / percentile / dobi).
+    percentile: float = 99.99
+    dobi_steps: int = 100
+    max_samples: int = 1 << 20  # per-quantizer value sample for percentile/DOBI (exact min/max always)
+
+
+@dataclass
+class DQCOptions:
+    """Distillation of the quantizer bounds against the FP teacher (2DQuant's DQC). Only bounds train.
+
+    Defaults are a CPU schedule; the paper uses batch 32, 3000 iterations, 64x64 LR, cosine decay
+    (released code: batch 16, 4000 iterations, betas (0.9, 0.99), constant lr).
+    """
+
+    total_iter: int = 300
+    batch_size: int = 4
+    patch_size: int = 48
+    lr: float = 1e-2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    feature_weight: float = 5.0  # lambda
+    # l2: paper Eq. 5, sum_i ||F/|F| - Fq/|Fq|||_2 / (C H W); mse: released code, MSE of normalised features
+    feature_loss: Literal["l2", "mse"] = "l2"
+    augment: bool = True
+    print_freq: int = 20
+    val_freq: int = 100  # PSNR on the calibration validation split
+    save_checkpoint_freq: int = 100
+    select: Literal["last", "best_val"] = "last"  # best_val: the checkpoint with the best validation PSNR
+
+
+@dataclass
+class TrainPathOptions:
+    pretrain_network_g: Optional[str] = None
+    param_key_g: str = "auto"
+    strict_load_g: bool = True
+    # A training_states/<iter>.state file, or 'auto' for the latest one of this experiment.
+    resume_state: Optional[str] = None
+
+
+Method = Literal["minmax", "percentile", "dobi", "2dquant"]
+
+
+@dataclass
+class TrainOptions:
+    """``python train.py -opt options/....yml``: calibrate a quantized network."""
+
+    name: str
+    scale: int
+    network_g: Dict[str, Any]
+    quant: QuantOptions
+    method: Method = "2dquant"
+    path: TrainPathOptions = field(default_factory=TrainPathOptions)
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    bound_init: BoundInitOptions = field(default_factory=BoundInitOptions)
+    dqc: DQCOptions = field(default_factory=DQCOptions)
+    device: str = "auto"
+    num_threads: int = 0
+    manual_seed: int = 0
+
+    def validate(self, where: str) -> None:
+        if "type" not in self.network_g:
+            raise ConfigError(f"{where} network_g.type: required key is missing")

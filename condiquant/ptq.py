@@ -1,0 +1,69 @@
+"""``train.py``: run the configured PTQ method and write ``experiments/<name>/``."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from condiquant.archs import build_network, load_pretrained
+from condiquant.config import ConfigError, to_dict
+from condiquant.data.calib import CalibrationImages
+from condiquant.methods import METHODS
+from condiquant.methods.context import PTQContext
+from condiquant.methods.dqc import latest_state, validation_psnr
+from condiquant.options import TrainOptions
+from condiquant.quant.checkpoint import save_quantized
+from condiquant.quant.presets import resolve_placement
+from condiquant.runtime import configure, fresh_dir, setup_logger, timestamp
+
+
+def _resume_path(opts: TrainOptions, exp_dir: Path, source: str) -> Optional[Path]:
+    value = opts.path.resume_state
+    if value is None:
+        return None
+    path = latest_state(exp_dir) if value == "auto" else Path(value)
+    if value != "auto" and not path.is_file():
+        raise ConfigError(f"{source} path.resume_state: file not found: {path}")
+    return path
+
+
+def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
+    """Calibrate; returns the path of the final quantized checkpoint."""
+    device = configure(opts.device, opts.num_threads, opts.manual_seed)
+    fp = build_network(opts.network_g, f"{source} network_g")
+    if not opts.path.pretrain_network_g:
+        raise ConfigError(f"{source} path.pretrain_network_g: PTQ needs pretrained weights")
+    load_pretrained(fp, opts.path.pretrain_network_g, opts.path.param_key_g, opts.path.strict_load_g)
+    fp = fp.eval().to(device)
+    for p in fp.parameters():
+        p.requires_grad_(False)
+    quant = replace(opts.quant, placement=resolve_placement(opts.network_g["type"], opts.quant.placement,
+                                                            f"{source} quant.placement"))
+    resolved = replace(opts, quant=quant)
+    calib = CalibrationImages(opts.calib.roots, opts.scale, opts.calib.val_fraction, opts.calib.split_seed,
+                              f"{source} calib")
+    exp_dir = Path("experiments") / opts.name
+    resume = _resume_path(opts, exp_dir, source)
+    if resume is None:
+        exp_dir = fresh_dir(exp_dir)
+    logger = setup_logger(exp_dir / f"train_{opts.name}_{timestamp()}.log")
+    if command:
+        logger.info("command: %s", command)
+    options_text = yaml.safe_dump(to_dict(resolved), sort_keys=False)
+    logger.info("resolved options:\n%s", options_text)
+    (exp_dir / f"{opts.name}.yml").write_text(f"# resolved options of: {command or source}\n" + options_text)
+    logger.info("calibration images: %d train, %d validation (%s)", len(calib.train_paths), len(calib.val_paths),
+                ", ".join(opts.calib.roots))
+    ctx = PTQContext(resolved, quant, fp, calib, exp_dir, logger, device, resume)
+    tic = time.perf_counter()
+    model = METHODS[opts.method](ctx)
+    seconds = time.perf_counter() - tic
+    final = exp_dir / "models" / "net_q_latest.pth"
+    save_quantized(final, model, opts.network_g, quant)
+    logger.info("%s done in %.1f s; calibration-validation PSNR: FP %.3f dB, quantized %.3f dB", opts.method,
+                seconds, validation_psnr(fp, ctx), validation_psnr(model, ctx))
+    logger.info("quantized checkpoint: %s", final)
+    return final

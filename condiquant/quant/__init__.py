@@ -1,0 +1,1 @@
+"""Fake quantization: quantizers (how to round), observers (how to pick the range), attachment by config."""

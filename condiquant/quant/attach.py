@@ -1,0 +1,83 @@
+"""Attach quantizers to a float model by config (module type + name patterns), never by editing arch code."""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple
+
+import torch.nn as nn
+
+from condiquant.archs.ops import MatMul
+from condiquant.options import QuantOptions
+from condiquant.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule, has_conv_input
+from condiquant.quant.patterns import matches
+from condiquant.quant.quantizer import UniformQuantizer
+
+_KINDS = {nn.Linear: "Linear", nn.Conv2d: "Conv2d", MatMul: "MatMul"}
+
+
+def _kind(module: nn.Module) -> Optional[str]:
+    """Exact types only, so a subclass with its own forward (EMT's MeanShift) is never silently replaced;
+    Conv2d subclasses that declare their pre-transform as ``conv_input`` are safe to replace."""
+    if isinstance(module, nn.Conv2d) and has_conv_input(module):
+        return "Conv2d"
+    return _KINDS.get(type(module))
+
+
+def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
+    """Replace matching modules in place with quantized ones; returns the replaced module names.
+
+    ``quant.placement`` must be resolved (no ``None`` fields).
+    """
+    place = quant.placement
+    per_channel = quant.w_granularity == "channel"
+    replaced = []
+    for name, module in list(model.named_modules()):
+        kind = _kind(module)
+        if kind is None or kind not in place.targets:
+            continue
+        if not matches(name, place.include) or matches(name, place.skip):
+            continue
+        high = matches(name, place.high_precision)
+        w_bits = place.high_precision_bit if high else quant.w_bit
+        a_bits = place.high_precision_bit if high else quant.a_bit
+        if kind == "Linear":
+            splits = 3 if matches(name, place.split_qkv) else 1
+            new: nn.Module = QuantLinear(module, w_bits, a_bits, per_channel, splits)
+        elif kind == "Conv2d":
+            new = QuantConv2d(module, w_bits, a_bits, per_channel)
+        else:
+            new = QuantMatMul(module, a_bits)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replaced.append(name)
+    return replaced
+
+
+def named_quantizers(model: nn.Module) -> Iterator[Tuple[str, UniformQuantizer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, UniformQuantizer):
+            yield name, module
+
+
+def weight_quantizer_inputs(model: nn.Module) -> Iterator[Tuple[str, UniformQuantizer, nn.Parameter]]:
+    """(name, quantizer, weight slice) for every weight quantizer; the slice is what it quantizes."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)) and len(module.weight_quantizers):
+            chunks = module.weight.chunk(len(module.weight_quantizers), dim=0)
+            for i, (q, w) in enumerate(zip(module.weight_quantizers, chunks)):
+                yield f"{name}.weight_quantizers.{i}", q, w
+
+
+def quant_modules(model: nn.Module) -> Iterator[Tuple[str, QuantModule]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            yield name, module
+
+
+def bound_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """All learnable quantizer bounds (what DQC trains)."""
+    return [p for _, q in named_quantizers(model) for p in (q.lower, q.upper)]
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    for _, q in named_quantizers(model):
+        q.enabled = enabled

@@ -1,0 +1,107 @@
+"""Quantized drop-in replacements: Linear/Conv2d (weight + input quantizers) and MatMul (both inputs).
+
+They keep the float module's parameter names (``weight``, ``bias``), so a quantized checkpoint is the FP state
+dict plus quantizer bounds. Biases stay FP. A Linear may be split along its outputs into equal chunks with
+independent weight and input quantizers each (2DQuant quantizes SwinIR's fused qkv as separate q, k, v).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from condiquant.archs.ops import MatMul
+from condiquant.quant.quantizer import UniformQuantizer
+
+
+def _act_quantizers(n: int, a_bits: Optional[int]) -> nn.ModuleList:
+    return nn.ModuleList([UniformQuantizer(a_bits) for _ in range(n)] if a_bits else [])
+
+
+def _weight_quantizers(n: int, w_bits: Optional[int], channels: int, per_channel: bool) -> nn.ModuleList:
+    if not w_bits:
+        return nn.ModuleList()
+    if per_channel:
+        return nn.ModuleList([UniformQuantizer(w_bits, channels, channel_axis=0) for _ in range(n)])
+    return nn.ModuleList([UniformQuantizer(w_bits) for _ in range(n)])
+
+
+class QuantModule(nn.Module):
+    """Marker base: modules whose quantizers the calibration and DQC loops drive."""
+
+    def quantizers(self) -> Iterator[UniformQuantizer]:
+        return (m for m in self.modules() if isinstance(m, UniformQuantizer))
+
+
+class QuantLinear(QuantModule):
+    def __init__(self, src: nn.Linear, w_bits: Optional[int], a_bits: Optional[int], per_channel: bool = False,
+                 splits: int = 1):
+        super().__init__()
+        if src.out_features % splits:
+            raise ValueError(f"cannot split {src.out_features} outputs into {splits} equal parts")
+        self.in_features, self.out_features, self.splits = src.in_features, src.out_features, splits
+        self.weight, self.bias = src.weight, src.bias
+        chunk = src.out_features // splits
+        self.weight_quantizers = _weight_quantizers(splits, w_bits, chunk, per_channel)
+        self.input_quantizers = _act_quantizers(splits, a_bits)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, splits={self.splits}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.weight.chunk(self.splits, dim=0)
+        biases = self.bias.chunk(self.splits) if self.bias is not None else [None] * self.splits
+        outs = []
+        for i in range(self.splits):
+            xi = self.input_quantizers[i](x) if self.input_quantizers else x
+            wi = self.weight_quantizers[i](weights[i]) if self.weight_quantizers else weights[i]
+            outs.append(F.linear(xi, wi, biases[i]))
+        return outs[0] if self.splits == 1 else torch.cat(outs, dim=-1)
+
+
+def has_conv_input(module: nn.Module) -> bool:
+    """A Conv2d subclass that transforms its input before convolving (e.g. EMT's shifted 1x1)."""
+    return callable(getattr(type(module), "conv_input", None))
+
+
+class QuantConv2d(QuantModule):
+    """Quantized Conv2d. For a subclass with a ``conv_input(x)`` pre-transform, the transform is kept (its
+    buffers are re-registered under the same names) and the input quantizer sees the transformed input."""
+
+    def __init__(self, src: nn.Conv2d, w_bits: Optional[int], a_bits: Optional[int], per_channel: bool = False):
+        super().__init__()
+        if src.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {src.padding_mode!r} is not supported")
+        self.conv_args = dict(stride=src.stride, padding=src.padding, dilation=src.dilation, groups=src.groups)
+        self.in_channels = src.in_channels
+        self.weight, self.bias = src.weight, src.bias
+        self._conv_input = type(src).conv_input if has_conv_input(src) else None
+        for name, buf in src.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        self.weight_quantizers = _weight_quantizers(1, w_bits, src.out_channels, per_channel)
+        self.input_quantizers = _act_quantizers(1, a_bits)
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}, {self.conv_args}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._conv_input is not None:
+            x = self._conv_input(self, x)
+        if self.input_quantizers:
+            x = self.input_quantizers[0](x)
+        w = self.weight_quantizers[0](self.weight) if self.weight_quantizers else self.weight
+        return F.conv2d(x, w, self.bias, **self.conv_args)
+
+
+class QuantMatMul(QuantModule):
+    """``a @ b`` with a static per-tensor quantizer on each input (e.g. q and k^T, or softmax(qk) and v)."""
+
+    def __init__(self, src: MatMul, a_bits: int):
+        super().__init__()
+        self.quant_a = UniformQuantizer(a_bits)
+        self.quant_b = UniformQuantizer(a_bits)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.quant_a(a) @ self.quant_b(b)

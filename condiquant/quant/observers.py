@@ -1,0 +1,114 @@
+"""Range observers: MinMax, Percentile and DOBI (2DQuant's Distribution-Oriented Bound Initialization).
+
+Observers see a quantizer's input during calibration and return (lower, upper). Per-channel observers treat
+axis ``channel_axis`` as channels. Percentile and DOBI keep a uniform random sample of at most ``max_samples``
+values per channel (exact min/max are always tracked), which bounds memory and search time when activations
+are large; with inputs smaller than the cap they see every value, as in 2DQuant.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from condiquant.quant.quantizer import Observer, fake_quant
+
+
+def _as_channels(x: torch.Tensor, channel_axis: Optional[int]) -> torch.Tensor:
+    """(C, N) view: one row per channel, or a single row for per-tensor."""
+    if channel_axis is None:
+        return x.reshape(1, -1)
+    return x.transpose(0, channel_axis).reshape(x.shape[channel_axis], -1)
+
+
+class MinMaxObserver(Observer):
+    def __init__(self, channel_axis: Optional[int] = None):
+        self.channel_axis = channel_axis
+        self.lo: Optional[torch.Tensor] = None
+        self.hi: Optional[torch.Tensor] = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        rows = _as_channels(x.float(), self.channel_axis)
+        lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def bounds(self, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is None:
+            raise RuntimeError("observer saw no data (the module was never called during calibration)")
+        return self.lo, self.hi
+
+
+class _SamplingObserver(MinMaxObserver):
+    """MinMax plus a random sample of the values, for observers that need the distribution."""
+
+    def __init__(self, channel_axis: Optional[int] = None, max_samples: int = 1 << 20, seed: int = 0):
+        super().__init__(channel_axis)
+        self.max_samples = max_samples
+        self.generator = torch.Generator().manual_seed(seed)
+        self.chunks: List[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        super().observe(x)
+        rows = _as_channels(x.float(), self.channel_axis).cpu()
+        if self.max_samples and rows.shape[1] > self.max_samples:
+            idx = torch.randint(rows.shape[1], (self.max_samples,), generator=self.generator)
+            rows = rows[:, idx]
+        self.chunks.append(rows)
+
+    def samples(self) -> torch.Tensor:
+        rows = torch.cat(self.chunks, dim=1)
+        if self.max_samples and rows.shape[1] > self.max_samples:  # several calibration batches
+            idx = torch.randint(rows.shape[1], (self.max_samples,), generator=self.generator)
+            rows = rows[:, idx]
+        return rows
+
+
+class PercentileObserver(_SamplingObserver):
+    """Clip at the ``percentile``-th and (100 - percentile)-th percentiles."""
+
+    def __init__(self, percentile: float = 99.99, **kwargs):
+        super().__init__(**kwargs)
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.q = percentile / 100.0
+
+    def bounds(self, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.samples()
+        # torch.quantile refuses very large inputs; kthvalue is exact and has no size cap.
+        n = rows.shape[1]
+        k_hi = max(1, min(n, int(round(self.q * (n - 1))) + 1))
+        k_lo = max(1, min(n, int(round((1 - self.q) * (n - 1))) + 1))
+        return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
+
+
+def dobi_search(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_bits: int, steps: int = 100,
+                one_direction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """DOBI: linear search over ``steps`` candidate ranges minimising ||v - Q(v)||_2 per row.
+
+    Symmetric search (bell-shaped data): l_i = min + i*d, u_i = max - i*d with d = (max - min) / (2K).
+    One-direction search (post-softmax / post-GELU data): l stays at min, u_i = max - i*d with the same d
+    (paper Alg. 1; the released code's unused one-direction branch steps by 2d).
+    """
+    d = (hi - lo) / (2 * steps)
+    best_err = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for i in range(steps):
+        cand_lo = lo if one_direction else lo + i * d
+        cand_hi = hi - i * d
+        err = (rows - fake_quant(rows, cand_lo[:, None], cand_hi[:, None], n_bits)).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, cand_lo, best_lo)
+        best_hi = torch.where(better, cand_hi, best_hi)
+    return best_lo, best_hi
+
+
+class DOBIObserver(_SamplingObserver):
+    def __init__(self, steps: int = 100, one_direction: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = steps
+        self.one_direction = one_direction
+
+    def bounds(self, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return dobi_search(self.samples(), self.lo.cpu(), self.hi.cpu(), n_bits, self.steps, self.one_direction)

@@ -1,0 +1,76 @@
+"""Default quantizer placement per arch (used for every ``placement`` key a YAML leaves unset).
+
+SwinIR follows 2DQuant exactly: in each Swin block the q/k/v projections (qkv split in three), proj, fc1 and
+fc2 get a weight and an input quantizer, and both attention products get quantizers on both inputs
+(q, k, post-softmax map, v): 16 per block, 384 in SwinIR-light. Convolutions, LayerNorm, softmax, GELU and
+biases stay full precision.
+
+EMT mirrors that: all body 1x1 convs and attention products. CNNs (EDSR, IMDN) follow the usual SR-CNN practice (PAMS, DAQ, OAQ): every body convolution is quantized,
+the first (feature extraction) and last (upsampler) convolutions stay full precision.
+"""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Dict
+
+from condiquant.config import ConfigError
+from condiquant.options import PlacementOptions
+
+PRESETS: Dict[str, PlacementOptions] = {
+    "SwinIR": PlacementOptions(
+        targets=["Linear", "MatMul"],
+        include=["layers.*.residual_group.blocks.**"],
+        skip=[],
+        high_precision=[],
+        split_qkv=["**.attn.qkv"],
+        one_direction=["**.attn.av_matmul.quant_a", "**.mlp.fc2.input_quantizers.*"],
+        feature_modules=["layers.*"],
+    ),
+    # EMT: every 1x1 conv and attention product inside the six mixed-transformer blocks (attention q/v
+    # projection, output projection, shifted-MLP fc1/fc2); head, tail and the fixed mean shifts stay FP.
+    "EMT": PlacementOptions(
+        targets=["Conv2d", "MatMul"],
+        include=["body.**"],
+        skip=[],
+        high_precision=[],
+        split_qkv=[],
+        # Post-softmax maps and post-Swish inputs are (nearly) one-sided, as 2DQuant's post-GELU inputs.
+        one_direction=["**.av_matmuls.*.quant_a", "**.fc2.input_quantizers.*"],
+        feature_modules=["body.*"],
+    ),
+    "EDSR": PlacementOptions(
+        targets=["Conv2d"],
+        include=["body.**", "conv_after_body"],
+        skip=[],
+        high_precision=[],
+        split_qkv=[],
+        one_direction=[],
+        feature_modules=["body.*"],
+    ),
+    "IMDN": PlacementOptions(
+        targets=["Conv2d"],
+        # All convs of the six IMDBs (incl. the contrast-attention 1x1s), the fusion 1x1 and LR_conv;
+        # fea_conv (first) and upsampler.0 (last) stay FP.
+        include=["IMDB*.**", "c.0", "LR_conv"],
+        skip=[],
+        high_precision=[],
+        split_qkv=[],
+        # Inputs that follow LeakyReLU(0.05) are nearly one-sided, but not exactly: keep the symmetric search.
+        one_direction=[],
+        feature_modules=["IMDB*"],
+    ),
+}
+
+
+def resolve_placement(arch: str, opt: PlacementOptions, where: str) -> PlacementOptions:
+    """Fill unset fields from the arch's preset; an arch without preset must set every field."""
+    preset = PRESETS.get(arch)
+    values = {}
+    for f in fields(PlacementOptions):
+        value = getattr(opt, f.name)
+        if value is None:
+            if preset is None:
+                raise ConfigError(f"{where}.{f.name}: required for arch {arch!r}, which has no placement preset")
+            value = getattr(preset, f.name)
+        values[f.name] = value
+    return replace(opt, **values)

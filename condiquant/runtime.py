@@ -1,0 +1,66 @@
+"""Process-level setup shared by the entry points: device, threads, seeds, output folders, logging."""
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from condiquant.config import ConfigError
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; an explicit ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available (use 'auto' or 'cpu')")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+
+
+def configure(device: str, num_threads: int, seed: int = 0) -> torch.device:
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return select_device(device)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d_%H%M%S")
+
+
+def fresh_dir(path: Path) -> Path:
+    """Create ``path``; an existing one is renamed ``<path>_archived_<time>`` first, never overwritten."""
+    if path.exists():
+        archived = path.with_name(f"{path.name}_archived_{timestamp()}")
+        path.rename(archived)
+        logging.getLogger("condiquant").info("archived existing %s -> %s", path, archived)
+    path.mkdir(parents=True)
+    return path
+
+
+def setup_logger(log_file: Path) -> logging.Logger:
+    """Log to the console and to ``log_file``; the file opens with the environment."""
+    logger = logging.getLogger("condiquant")
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(log_file)):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.propagate = False
+    logger.info("python %s, torch %s, numpy %s, %s, %d threads", platform.python_version(), torch.__version__,
+                np.__version__, platform.platform(), torch.get_num_threads())
+    return logger

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Full-precision scores of the pretrained models on Set5 / Set14 / B100 (results/<name>/metrics.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for arch in IMDN EMT; do
+  for s in 2 3 4; do
+    .venv/bin/python test.py -opt "options/test/${arch}_x${s}.yml"
+  done
+done

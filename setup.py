@@ -1,0 +1,19 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [line.split("#")[0].strip() for line in (here / "requirements.txt").read_text().splitlines()]
+
+setup(
+    name="condiquant",
+    version="0.1.0",
+    description="Low-bit post-training quantization of image super-resolution networks (CondiQuant, 2DQuant, OAQ)",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["condiquant", "condiquant.*"]),
+    package_data={"condiquant": ["*.yml"]},
+    python_requires=">=3.9",
+    install_requires=[r for r in requirements if r],
+    extras_require={"test": ["pytest>=7", "scikit-image>=0.21"]},
+)
