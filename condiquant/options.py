@@ -170,7 +170,27 @@ class TrainPathOptions:
     resume_state: Optional[str] = None
 
 
-Method = Literal["minmax", "percentile", "dobi", "2dquant"]
+@dataclass
+class ConditioningOptions:
+    """CondiQuant's weight conditioning: min_W 1/2 ||X W^T - X W0^T||_F^2 + lam * G(W) by proximal gradient,
+    X the layer's FP input on calibration crops (convolutions unfolded), K iterations, step 1/L."""
+
+    # shrink: G = 1/2 sum (s_i - mean s)^2, prox s_i <- mean + (s_i - mean) / (1 + eta * lam)
+    # kappa_bound: G = indicator(kappa <= kappa_max), prox clips s into [s_max / kappa_max, s_max]
+    regularizer: Literal["shrink", "kappa_bound"] = "shrink"
+    lam: float = 1.0
+    kappa_max: float = 100.0
+    iters: int = 100
+    targets: List[Literal["Linear", "Conv2d"]] = field(default_factory=lambda: ["Linear", "Conv2d"])
+    layers: List[str] = field(default_factory=lambda: ["**"])  # among the quantized modules
+    num_patches: int = 32  # calibration crops whose FP inputs give X^T X
+    patch_size: int = 64
+    holdout_patches: int = 8  # crops of the validation images for the output-equivalence check
+    tolerance: float = 0.05  # max relative change of any layer's output on the held-out crops
+    on_violation: Literal["warn", "error"] = "warn"
+
+
+Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant"]
 
 
 @dataclass
@@ -186,6 +206,7 @@ class TrainOptions:
     calib: CalibOptions = field(default_factory=CalibOptions)
     bound_init: BoundInitOptions = field(default_factory=BoundInitOptions)
     dqc: DQCOptions = field(default_factory=DQCOptions)
+    conditioning: ConditioningOptions = field(default_factory=ConditioningOptions)
     device: str = "auto"
     num_threads: int = 0
     manual_seed: int = 0

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Seconds per DQC iteration and the fake-quantization slowdown versus FP, measured in one run.
+
+    python scripts/bench_dqc.py -opt options/train/EMT_x4_W4A4_2dquant.yml [--iters 3] [--set key=value ...]
+
+Uses the options' network, quantizer placement and DQC batch/patch size. Bounds come from a quick MinMax pass
+(timing does not depend on their values). Prints a Markdown table and writes it to results/benchmarks/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from condiquant.archs import build_network, load_pretrained  # noqa: E402
+from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
+from condiquant.data.calib import CalibrationImages  # noqa: E402
+from condiquant.options import TrainOptions  # noqa: E402
+from condiquant.quant.attach import attach_quantizers, bound_parameters  # noqa: E402
+from condiquant.quant.calibrate import ObserverSpec, init_bounds  # noqa: E402
+from condiquant.quant.presets import resolve_placement  # noqa: E402
+from condiquant.runtime import configure  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (allocator, oneDNN primitive cache)
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - tic) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-opt", required=True)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
+    device = configure(opts.device, opts.num_threads, opts.manual_seed)
+    fp = build_network(opts.network_g)
+    load_pretrained(fp, opts.path.pretrain_network_g, opts.path.param_key_g)
+    fp = fp.eval().to(device)
+    quant = replace(opts.quant, placement=resolve_placement(opts.network_g["type"], opts.quant.placement, "quant"))
+    qmodel = copy.deepcopy(fp)
+    attach_quantizers(qmodel, quant)
+    r = float(getattr(fp, "input_range", 1.0))
+    calib = CalibrationImages(opts.calib.roots, opts.scale, opts.calib.val_fraction, opts.calib.split_seed, "calib")
+    rng = np.random.default_rng(0)
+    d = opts.dqc
+    x = calib.random_crops(d.batch_size, d.patch_size, rng).to(device) * r
+    init_bounds(qmodel, [x / r], ObserverSpec("minmax"), (), r)
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    params = bound_parameters(qmodel)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=d.lr)
+
+    def fp_forward():
+        with torch.no_grad():
+            fp(x)
+
+    def q_forward():
+        with torch.no_grad():
+            qmodel(x)
+
+    def dqc_step():
+        with torch.no_grad():
+            target = fp(x)
+        loss = F.l1_loss(qmodel(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    t_fp, t_q, t_step = timed(fp_forward, args.iters), timed(q_forward, args.iters), timed(dqc_step, args.iters)
+    rows = [
+        f"# DQC benchmark: {opts.network_g['type']} x{opts.scale} W{quant.w_bit}A{quant.a_bit}",
+        "",
+        f"`python scripts/bench_dqc.py -opt {args.opt}` ({' '.join('--set ' + s for s in args.set)}); "
+        f"batch {d.batch_size} x {d.patch_size}x{d.patch_size} LR, {torch.get_num_threads()} threads, {device}, "
+        f"mean of {args.iters} after one warm-up.",
+        "",
+        "| measure | seconds | ratio |",
+        "|---|---|---|",
+        f"| FP forward | {t_fp:.3f} | 1.00 |",
+        f"| fake-quant forward | {t_q:.3f} | {t_q / t_fp:.2f} |",
+        f"| DQC iteration (teacher fwd + student fwd/bwd + Adam) | {t_step:.3f} | {t_step / t_fp:.2f} |",
+        "",
+        f"{d.total_iter} DQC iterations at this speed: {d.total_iter * t_step / 60:.1f} min.",
+    ]
+    text = "\n".join(rows)
+    print(text)
+    out = Path("results") / "benchmarks" / f"dqc_{opts.name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
