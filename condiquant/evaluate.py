@@ -96,8 +96,11 @@ def run_test(opts: TestOptions, source: str, command: str = "") -> List[DatasetS
     # Build everything that can fail on bad input before anything is written.
     model = build_model(opts, source, device)
     datasets = [PairedImageFolder(d, opts.scale, f"{source} datasets.{key}") for key, d in opts.datasets.items()]
-    out_dir = fresh_dir(Path("results") / opts.name)
+    out_dir = Path("results") / opts.name
+    archived = fresh_dir(out_dir)
     logger = setup_logger(out_dir / f"test_{opts.name}_{timestamp()}.log")
+    if archived:
+        logger.info("archived the previous %s as %s", out_dir, archived)
     if command:
         logger.info("command: %s", command)
     logger.info("resolved options:\n%s", yaml.safe_dump(to_dict(opts), sort_keys=False))

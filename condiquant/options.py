@@ -214,3 +214,20 @@ class TrainOptions:
     def validate(self, where: str) -> None:
         if "type" not in self.network_g:
             raise ConfigError(f"{where} network_g.type: required key is missing")
+
+
+@dataclass
+class TableOptions:
+    """``scripts/reproduce.py``: a grid of methods x bit-widths, each cell calibrated then scored."""
+
+    name: str
+    train_opt: str  # base PTQ options (method and bits are set per cell)
+    test_opt: str  # FP scoring options: network, weights, datasets, protocol
+    methods: List[str] = field(default_factory=lambda: ["minmax", "percentile", "dobi", "2dquant"])
+    bits: List[int] = field(default_factory=lambda: [4, 3, 2])  # WbAb
+    datasets: Optional[List[str]] = None  # subset of the test options' dataset names; None = all
+    include_fp: bool = True
+    include_bicubic: bool = True
+    # Overrides applied to every cell's train options (``key.path: value``), e.g. a faster DQC schedule.
+    train_overrides: Dict[str, Any] = field(default_factory=dict)
+    paper: Optional[str] = None  # key of condiquant/paper_tables.yml printed beside ours

@@ -47,9 +47,10 @@ def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
                               f"{source} calib")
     exp_dir = Path("experiments") / opts.name
     resume = _resume_path(opts, exp_dir, source)
-    if resume is None:
-        exp_dir = fresh_dir(exp_dir)
+    archived = fresh_dir(exp_dir) if resume is None else None
     logger = setup_logger(exp_dir / f"train_{opts.name}_{timestamp()}.log")
+    if archived:
+        logger.info("archived the previous %s as %s", exp_dir, archived)
     if command:
         logger.info("command: %s", command)
     options_text = yaml.safe_dump(to_dict(resolved), sort_keys=False)

@@ -7,6 +7,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,26 +40,30 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S")
 
 
-def fresh_dir(path: Path) -> Path:
-    """Create ``path``; an existing one is renamed ``<path>_archived_<time>`` first, never overwritten."""
+def fresh_dir(path: Path) -> Optional[Path]:
+    """Create ``path``; an existing one is first renamed ``<path>_archived_<time>`` (returned), never overwritten."""
+    archived = None
     if path.exists():
         archived = path.with_name(f"{path.name}_archived_{timestamp()}")
         path.rename(archived)
-        logging.getLogger("condiquant").info("archived existing %s -> %s", path, archived)
     path.mkdir(parents=True)
-    return path
+    return archived
+
+
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
 def setup_logger(log_file: Path) -> logging.Logger:
     """Log to the console and to ``log_file``; the file opens with the environment."""
     logger = logging.getLogger("condiquant")
     logger.setLevel(logging.INFO)
-    for h in list(logger.handlers):
+    # Replace the previous run's handlers only (a grid run keeps its own table-wide log handler).
+    for h in [h for h in logger.handlers if getattr(h, "per_run", False)]:
         logger.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(log_file)):
-        handler.setFormatter(fmt)
+        handler.setFormatter(LOG_FORMAT)
+        handler.per_run = True
         logger.addHandler(handler)
     logger.propagate = False
     logger.info("python %s, torch %s, numpy %s, %s, %d threads", platform.python_version(), torch.__version__,

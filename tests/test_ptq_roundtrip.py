@@ -98,3 +98,23 @@ def test_unsupported_bits_is_a_one_line_error(project, capsys):
     opts["quant"]["w_bit"] = 1
     assert main_train(["-opt", _write(project, "train.yml", opts)]) == 2
     assert "quant.w_bit: unsupported bit-width 1" in capsys.readouterr().err
+
+
+def test_grid_runner_writes_table_and_resumes_from_cache(project):
+    from condiquant.grid import run_table
+
+    _write(project, "train.yml", _train_options("minmax"))
+    _write(project, "test.yml", {"name": "unused", "scale": 2, "network_g": NET,
+                                 "path": {"pretrain_network_g": "fp.pth"},
+                                 "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}})
+    table = _write(project, "table.yml", {"name": "tiny_table", "train_opt": "train.yml", "test_opt": "test.yml",
+                                          "methods": ["minmax", "dobi"], "bits": [4, 2]})
+    md = run_table(table, [], "test").read_text()
+    assert all(f"| {m} | {b} |" in md for m in ("minmax", "dobi") for b in (4, 2))
+    assert "| FP | 32 |" in md and "| Bicubic | 32 |" in md
+    cells = sorted(p.name for p in (project / "results" / "tiny_table" / "cells").iterdir())
+    assert cells == ["Bicubic.json", "FP.json", "dobi_W2A2.json", "dobi_W4A4.json", "minmax_W2A2.json",
+                     "minmax_W4A4.json"]
+    # A second run only reads the cache: no experiment is calibrated again (none gets archived).
+    run_table(table, [], "test")
+    assert not any("archived" in p.name for p in (project / "experiments").iterdir())

@@ -8,7 +8,7 @@ from typing import Any, Dict, Mapping, Union
 import torch
 import torch.nn as nn
 
-from condiquant.archs import edsr_arch, emt_arch, imdn_arch, swinir_arch  # noqa: F401  (each registers its arch)
+from condiquant.archs import bicubic_arch, edsr_arch, emt_arch, imdn_arch, swinir_arch  # noqa: F401 (registers)
 from condiquant.archs.registry import ARCH_REGISTRY
 from condiquant.config import ConfigError
 

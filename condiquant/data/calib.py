@@ -63,15 +63,14 @@ class CalibrationImages:
             self._lr_cache[hr_path] = (lr, hr)
         return self._lr_cache[hr_path]
 
-    def _eligible(self, patch: int) -> List[Path]:
-        ok = [p for p in self.train_paths if min(self.pair(p)[0].shape[:2]) >= patch]
+    def _eligible(self, paths: Sequence[Path], patch: int, split: str) -> List[Path]:
+        ok = [p for p in paths if min(self.pair(p)[0].shape[:2]) >= patch]
         if not ok:
-            raise ConfigError(f"calib: no calibration image has an LR side >= patch size {patch}")
+            raise ConfigError(f"calib: no {split} image has an LR side >= patch size {patch}")
         return ok
 
-    def random_crops(self, n: int, patch: int, rng: np.random.Generator, augment: bool = True) -> torch.Tensor:
-        """``n`` random LR crops (n, 3, patch, patch) in 0..1 from the training split."""
-        paths = self._eligible(patch)
+    def _crops(self, paths: Sequence[Path], n: int, patch: int, rng: np.random.Generator,
+               augment: bool) -> torch.Tensor:
         crops = []
         for _ in range(n):
             lr = self.pair(paths[int(rng.integers(len(paths)))])[0]
@@ -80,6 +79,14 @@ class CalibrationImages:
             crop = lr[top: top + patch, left: left + patch]
             crops.append(np.ascontiguousarray(_augment(crop, rng) if augment else crop))
         return _to_tensor(crops)
+
+    def random_crops(self, n: int, patch: int, rng: np.random.Generator, augment: bool = True) -> torch.Tensor:
+        """``n`` random LR crops (n, 3, patch, patch) in 0..1 from the training split."""
+        return self._crops(self._eligible(self.train_paths, patch, "calibration"), n, patch, rng, augment)
+
+    def val_crops(self, n: int, patch: int, rng: np.random.Generator) -> torch.Tensor:
+        """``n`` random LR crops (n, 3, patch, patch) in 0..1 from the validation split, not augmented."""
+        return self._crops(self._eligible(self.val_paths, patch, "validation"), n, patch, rng, False)
 
     def val_pairs(self, patch: int) -> List[Tuple[torch.Tensor, np.ndarray]]:
         """Centre LR crops (1, 3, <=patch, <=patch) of the validation images with their HR crops."""

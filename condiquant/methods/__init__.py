@@ -5,7 +5,7 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from condiquant.methods import baselines, twodquant
+from condiquant.methods import baselines, condiquant, twodquant
 from condiquant.methods.context import PTQContext
 
 METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
@@ -13,4 +13,5 @@ METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
     "percentile": baselines.percentile,
     "dobi": baselines.dobi,
     "2dquant": twodquant.run,
+    "condiquant": condiquant.run,
 }

@@ -33,7 +33,10 @@ class PTQContext:
         return float(getattr(self.fp_model, "input_range", 1.0))
 
     def quantized_copy(self) -> nn.Module:
-        model = copy.deepcopy(self.fp_model)
+        return self.quantize(copy.deepcopy(self.fp_model))
+
+    def quantize(self, model: nn.Module) -> nn.Module:
+        """Attach quantizers to ``model`` (an FP model, possibly transformed) in place; returns it."""
         names = attach_quantizers(model, self.quant)
         if not names:
             raise ValueError("quant.placement matched no module: nothing would be quantized")

@@ -91,7 +91,7 @@ def distill(model: nn.Module, ctx: PTQContext, resume: Optional[Path] = None) ->
     optimizer = torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opt))
     rng = np.random.default_rng(ctx.opts.manual_seed + 1)
-    start, best = 0, (-float("inf"), 0)
+    start, best = 0, (-float("inf"), -1)
     if resume is not None:
         state = torch.load(resume, map_location="cpu", weights_only=False)  # our own file: holds RNG objects
         model.load_state_dict(state["params"])
@@ -106,6 +106,10 @@ def distill(model: nn.Module, ctx: PTQContext, resume: Optional[Path] = None) ->
     patterns = ctx.quant.placement.feature_modules
     r = ctx.input_range
     models_dir = ctx.exp_dir / "models"
+    if resume is None:  # the initial bounds are a candidate too: DQC must beat them on validation to be kept
+        best = (validation_psnr(model, ctx), 0)
+        ctx.logger.info("iter 0: calibration-validation PSNR %.3f dB", best[0])
+        save_quantized(models_dir / "net_q_0.pth", model, ctx.opts.network_g, ctx.quant)
     tic = time.perf_counter()
     model.train(False)  # BatchNorm/Dropout stay in inference mode; only bounds learn
     with capture(teacher, patterns) as t_feats, capture(model, patterns) as s_feats:
@@ -143,7 +147,7 @@ def distill(model: nn.Module, ctx: PTQContext, resume: Optional[Path] = None) ->
     writer.close()
     for p in params:
         p.requires_grad_(False)
-    if opt.select == "best_val" and best[1] and best[1] != opt.total_iter:
+    if opt.select == "best_val" and best[1] != opt.total_iter:
         path = models_dir / f"net_q_{best[1]}.pth"
         if not path.is_file():
             raise RuntimeError(f"best_val selection needs {path}: make val_freq a multiple of save_checkpoint_freq")

@@ -1,7 +1,7 @@
 """Attach quantizers to a float model by config (module type + name patterns), never by editing arch code."""
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch.nn as nn
 
@@ -22,25 +22,41 @@ def _kind(module: nn.Module) -> Optional[str]:
     return _KINDS.get(type(module))
 
 
-def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
-    """Replace matching modules in place with quantized ones; returns the replaced module names.
+class Selected(NamedTuple):
+    name: str
+    module: nn.Module
+    kind: str  # Linear | Conv2d | MatMul
+    splits: int  # output chunks with their own quantizers (3 for a split qkv Linear, else 1)
+
+
+def select_modules(model: nn.Module, quant: QuantOptions) -> List[Selected]:
+    """The modules the placement quantizes, in ``named_modules`` order.
 
     ``quant.placement`` must be resolved (no ``None`` fields).
     """
     place = quant.placement
-    per_channel = quant.w_granularity == "channel"
-    replaced = []
-    for name, module in list(model.named_modules()):
+    selected = []
+    for name, module in model.named_modules():
         kind = _kind(module)
         if kind is None or kind not in place.targets:
             continue
         if not matches(name, place.include) or matches(name, place.skip):
             continue
+        splits = 3 if kind == "Linear" and matches(name, place.split_qkv) else 1
+        selected.append(Selected(name, module, kind, splits))
+    return selected
+
+
+def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
+    """Replace the modules :func:`select_modules` picks, in place, with quantized ones; returns their names."""
+    place = quant.placement
+    per_channel = quant.w_granularity == "channel"
+    replaced = []
+    for name, module, kind, splits in select_modules(model, quant):
         high = matches(name, place.high_precision)
         w_bits = place.high_precision_bit if high else quant.w_bit
         a_bits = place.high_precision_bit if high else quant.a_bit
         if kind == "Linear":
-            splits = 3 if matches(name, place.split_qkv) else 1
             new: nn.Module = QuantLinear(module, w_bits, a_bits, per_channel, splits)
         elif kind == "Conv2d":
             new = QuantConv2d(module, w_bits, a_bits, per_channel)

@@ -1,0 +1,1 @@
+"""Offline weight transforms applied to the FP model before quantizers are attached."""
