@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Ablation of CondiQuant's weight conditioning: regularizer x lam / kappa_max x K x layer set.
 
-    python scripts/ablate_conditioning.py -opt options/train/IMDN_x4_W3A3_condiquant.yml \\
-        [--regularizers shrink kappa_bound] [--lams 0.1 1 10] [--kappa-maxes 10 30 100] [--iters 20 100] \\
+    python scripts/ablate_conditioning.py -opt options/train/IMDN_x4_2dquant.yml --set quant.w_bit=3 \\
+        --set quant.a_bit=3 --name IMDN_x4_W3A3 \\
+        [--regularizers shrink kappa_bound] [--lams 1e-4 1e-3 1e-2] [--kappa-maxes 10 30 100] [--iters 20 100] \\
         [--layer-sets linear all] [--set key=value ...]
 
 Each cell conditions an FP copy, attaches the options' quantizers, initialises bounds with DOBI (no DQC, to stay
 affordable on a CPU) and scores Y-PSNR on the calibration validation split (never a test set), with the summed
-relative layer-output change on held-out validation crops. A "none" cell (DOBI alone) is the reference. The
-layer Grams do not depend on the cell, so they are collected once. Layer sets: ``linear`` = the Linear layers
-and the 1x1 convolutions (per-position linear maps; all an IMDN has of them), ``all`` = every Linear and Conv2d the
-placement quantizes; both are also restricted by the options' ``conditioning.layers``. Writes
+relative layer-output change on held-out validation crops and the PSNR of the conditioned FP network (what the
+conditioning alone costs). A "none" cell (DOBI alone) is the reference. The layer Grams do not depend on the
+cell, so they are collected once. Layer sets: ``linear`` = the Linear layers and the 1x1 convolutions (per-position
+linear maps; all an IMDN has of them; for EMT, whose quantized convs are all 1x1, the same set as ``all``), ``all`` =
+every Linear and Conv2d the placement quantizes; both are also restricted by the options' ``conditioning.layers``.
+Writes
 ``results/ablation_conditioning_<name>.{md,json}`` and prints the best cell as the chosen defaults.
 """
 from __future__ import annotations
@@ -64,7 +67,9 @@ def main() -> None:
     parser.add_argument("-opt", required=True, help="train options (network, weights, quant, calib, conditioning)")
     parser.add_argument("--regularizers", nargs="+", default=["shrink", "kappa_bound"],
                         choices=["shrink", "kappa_bound"])
-    parser.add_argument("--lams", nargs="+", type=float, default=[0.1, 1.0, 10.0], help="shrink: lam values")
+    # lam is relative to the data term divided by lambda_max(X^T X) (see conditioning.py): 1e-3 already moves
+    # layer outputs by ~1-5%, 1e-1 by ~20-50% on EMT/IMDN.
+    parser.add_argument("--lams", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2], help="shrink: lam values")
     parser.add_argument("--kappa-maxes", nargs="+", type=float, default=[10.0, 30.0, 100.0],
                         help="kappa_bound: kappa_max values")
     parser.add_argument("--iters", nargs="+", type=int, default=[20, 100], help="K values")
@@ -118,11 +123,13 @@ def main() -> None:
             cell_opts: ConditioningOptions = replace(c, regularizer=cell["regularizer"], lam=cell["lam"],
                                                      kappa_max=cell["kappa_max"], iters=cell["iters"])
             reports = condition_layers(model, layers, inputs.grams, inputs.holdout, cell_opts)
-            cell.update(matrices=len(reports),
+            cell.update(matrices=len(reports), conditioned_fp_psnr=validation_psnr(model, ctx),
                         sum_change_holdout=float(sum(r.change_holdout for r in reports)),
                         max_change_holdout=float(max(r.change_holdout for r in reports)),
                         median_kappa_before=float(np.median([r.kappa_before for r in reports])),
                         median_kappa_after=float(np.median([r.kappa_after for r in reports])),
+                        max_kappa_before=float(max(r.kappa_before for r in reports)),
+                        max_kappa_after=float(max(r.kappa_after for r in reports)),
                         solve_seconds=float(sum(r.seconds for r in reports)))
         ctx.init_bounds(ctx.quantize(model), "dobi")
         cell["val_psnr"] = validation_psnr(model, ctx)
@@ -139,19 +146,23 @@ def main() -> None:
             f"{opts.calib.val_patch_size}px LR crops); FP {fp_psnr:.3f} dB. Grams: {c.num_patches} crops of "
             f"{c.patch_size}px ({inputs.seconds:.1f} s); held-out changes on {c.holdout_patches} validation crops. "
             f"Layer sets: " + "; ".join(f"{k} = {len(v)} modules" for k, v in sets.items()) + ".", "",
-            "| regularizer | lam | kappa_max | K | layers | val PSNR (dB) | sum held-out change | max change | "
-            "median kappa before -> after | seconds |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| regularizer | lam | kappa_max | K | layers | val PSNR (dB) | FP conditioned (dB) | sum held-out change "
+            "| max change | median kappa before -> after | max kappa before -> after | seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         if cell["regularizer"] == "none":
-            rows.append(f"| none (DOBI) | | | | | {cell['val_psnr']:.3f} | 0 | 0 | | {cell['seconds']:.1f} |")
+            rows.append(f"| none (DOBI) | | | | | {cell['val_psnr']:.3f} | {fp_psnr:.3f} | 0 | 0 | | | "
+                        f"{cell['seconds']:.1f} |")
             continue
         param = f"{cell['lam']:g} | " if cell["regularizer"] == "shrink" else f" | {cell['kappa_max']:g}"
         rows.append(f"| {cell['regularizer']} | {param} | {cell['iters']} | {cell['layer_set']} | "
-                    f"{cell['val_psnr']:.3f} | {cell['sum_change_holdout']:.3g} | {cell['max_change_holdout']:.3g} | "
-                    f"{cell['median_kappa_before']:.4g} -> {cell['median_kappa_after']:.4g} | {cell['seconds']:.1f} |")
+                    f"{cell['val_psnr']:.3f} | {cell['conditioned_fp_psnr']:.3f} | {cell['sum_change_holdout']:.3g} | "
+                    f"{cell['max_change_holdout']:.3g} | {cell['median_kappa_before']:.4g} -> "
+                    f"{cell['median_kappa_after']:.4g} | {cell['max_kappa_before']:.4g} -> "
+                    f"{cell['max_kappa_after']:.4g} | {cell['seconds']:.1f} |")
     if best is not None:
-        chosen = {k: best[k] for k in ("regularizer", "lam", "kappa_max", "iters", "layer_set")}
+        param = "lam" if best["regularizer"] == "shrink" else "kappa_max"
+        chosen = {k: best[k] for k in ("regularizer", param, "iters", "layer_set")}
         rows += ["", f"Chosen defaults (best validation PSNR): {chosen}"]
     text = "\n".join(rows)
     print(text)

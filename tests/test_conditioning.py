@@ -21,6 +21,7 @@ from condiquant.config import ConfigError
 from condiquant.options import ConditioningOptions, QuantOptions
 from condiquant.quant.checkpoint import build_quantized
 from condiquant.quant.presets import resolve_placement
+from condiquant.transforms import conditioning
 from condiquant.transforms.conditioning import (collect_grams, condition_model, condition_weight,
                                                 conditioning_layers, prox_kappa, prox_shrink, relative_change)
 
@@ -157,7 +158,9 @@ def _patch_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.stack(rows).double()
 
 
-def test_collect_grams_matches_explicit_unfolding():
+@pytest.mark.parametrize("block", [1 << 22, 50])  # one Gram update per batch, or many small ones
+def test_collect_grams_matches_explicit_unfolding(block, monkeypatch):
+    monkeypatch.setattr(conditioning, "_BLOCK_ELEMS", block)
     torch.manual_seed(0)
     net = _Net()
     batches = [torch.rand(2, 3, 9, 11), torch.rand(1, 3, 9, 11)]
@@ -198,6 +201,31 @@ def test_layer_selection_and_equivalence_check(caplog):
     strict = replace(opts, tolerance=0.0, on_violation="error")
     with pytest.raises(ConfigError, match=r"conditioning.tolerance: layer IMDB1\.\S+ changes"):
         condition_model(build_network(NET).eval(), strict, batches, holdout, layers, 1.0, logger)
+
+
+def test_split_qkv_chunks_are_conditioned_separately():
+    """SwinIR's qkv has one weight quantizer per q/k/v chunk: each chunk is its own matrix, on the same X."""
+    net = {"type": "SwinIR", "upscale": 2, "img_size": 8, "window_size": 4, "img_range": 1.0, "depths": [1],
+           "embed_dim": 12, "num_heads": [2], "mlp_ratio": 2, "upsampler": "pixelshuffledirect",
+           "resi_connection": "1conv"}
+    torch.manual_seed(0)
+    model = build_network(net).eval()
+    quant = QuantOptions(4, 4)
+    quant = replace(quant, placement=resolve_placement("SwinIR", quant.placement, "test"))
+    opts = ConditioningOptions(layers=["**.attn.qkv", "**.mlp.fc1"], iters=5, lam=0.1)
+    layers = conditioning_layers(model, quant, opts)
+    assert sorted(layers.values()) == [1, 3] and all(n.endswith(("attn.qkv", "mlp.fc1")) for n in layers)
+    qkv = next(n for n, s in layers.items() if s == 3)
+    w0 = model.get_submodule(qkv).weight.detach().clone()
+    report = condition_model(model, opts, [torch.rand(2, 3, 8, 8)], [torch.rand(1, 3, 8, 8)], layers, 1.0,
+                             logging.getLogger("test_conditioning"))
+    assert [r.name for r in report.layers][:3] == [f"{qkv}[{i}]" for i in range(3)]
+    assert all(r.shape == (12, 12) for r in report.layers[:3])
+    w = model.get_submodule(qkv).weight.detach()
+    for i, r in enumerate(report.layers[:3]):  # each chunk's singular values were shrunk towards its own mean
+        s0, s = torch.linalg.svdvals(w0[12 * i:12 * (i + 1)]), torch.linalg.svdvals(w[12 * i:12 * (i + 1)])
+        assert float(s.max() / s.min()) == pytest.approx(r.kappa_after, rel=1e-4) and r.kappa_after < r.kappa_before
+        assert float(s.std()) < float(s0.std())
 
 
 def test_condiquant_train_then_test_and_resume(project):  # noqa: F811  (pytest fixture)
