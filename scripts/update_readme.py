@@ -1,0 +1,28 @@
+#!/usr/bin/env python3
+"""Regenerate the README's Results section from results/*.md (each file names the command that produced it).
+
+    python scripts/update_readme.py
+"""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md: markers {START} / {END} not found")
+    parts = []
+    for md in sorted((ROOT / "results").glob("*.md")):
+        body = md.read_text().strip().splitlines()
+        title = body[0].lstrip("# ").strip() if body and body[0].startswith("#") else md.stem
+        parts.append(f"### {title}\n\n_From `results/{md.name}`._\n\n" + "\n".join(body[1:]).strip())
+    section = "\n\n".join(parts) if parts else "No results yet."
+    head, rest = text.split(START, 1)
+    readme.write_text(f"{head}{START}\n{section}\n{END}{rest.split(END, 1)[1]}")
+
+
+if __name__ == "__main__":
+    main()
