@@ -15,5 +15,5 @@ setup(
     package_data={"condiquant": ["*.yml"]},
     python_requires=">=3.9",
     install_requires=[r for r in requirements if r],
-    extras_require={"test": ["pytest>=7", "scikit-image>=0.21"]},
+    extras_require={"test": ["pytest>=7", "scikit-image>=0.21", "scipy>=1.10"]},
 )

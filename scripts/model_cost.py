@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from condiquant.archs import build_network  # noqa: E402
 from condiquant.cli import run_cli  # noqa: E402
 from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.options import QuantOptions, TrainOptions  # noqa: E402
+from condiquant.options import TrainOptions  # noqa: E402
 from condiquant.quant.cost import (KINDS, OpsCost, count_parameters, measure_ops, storage_cost,  # noqa: E402
                                    twodquant_ops, twodquant_supported)
 from condiquant.quant.presets import resolve_placement  # noqa: E402

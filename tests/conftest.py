@@ -4,8 +4,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
+
+from condiquant.archs import build_network
+from condiquant.data.paired import write_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,3 +31,40 @@ def mirror() -> Path:
 def _one_thread():
     # The suite is specified to run on one thread; keeps timings comparable across machines.
     torch.set_num_threads(1)
+
+
+# A tiny PTQ project (tiny IMDN, 6 calibration images, 2 benchmark images) for end-to-end tests.
+NET = {"type": "IMDN", "upscale": 2, "nf": 16, "num_modules": 2}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        # Smooth-ish images so the network output is not pure noise.
+        base = rng.integers(0, 256, (6, 7, 3)).astype(np.float32)
+        img = np.kron(base, np.ones((8, 8, 1)))[:44, :52]
+        write_image(tmp_path / "calib" / "A" / f"c{i}.png", img.clip(0, 255).astype(np.uint8))
+    for i in range(2):
+        write_image(tmp_path / "bench" / "HR" / f"b{i}.png", rng.integers(0, 256, (24, 28, 3)).astype(np.uint8))
+    torch.manual_seed(0)
+    torch.save({"params": build_network(NET).state_dict()}, tmp_path / "fp.pth")
+    return tmp_path
+
+
+def train_options(method: str, **dqc):
+    return {
+        "name": f"tiny_{method}", "scale": 2, "method": method, "network_g": NET,
+        "path": {"pretrain_network_g": "fp.pth"},
+        "quant": {"w_bit": 4, "a_bit": 4},
+        "calib": {"roots": ["calib/A"], "num_patches": 4, "patch_size": 12, "chunk_size": 2, "val_patch_size": 16},
+        "dqc": {"total_iter": 4, "batch_size": 2, "patch_size": 12, "print_freq": 2, "val_freq": 2,
+                "save_checkpoint_freq": 2, **dqc},
+    }
+
+
+def write_yaml(project, name, data):
+    path = project / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import minimize
-from test_ptq_roundtrip import NET, _train_options, _write, project  # noqa: F401  (project is a fixture)
+from conftest import NET, train_options, write_yaml
 
 from condiquant.archs import build_network
 from condiquant.archs.emt_arch import ShiftConv1x1
@@ -228,10 +228,10 @@ def test_split_qkv_chunks_are_conditioned_separately():
         assert float(s.std()) < float(s0.std())
 
 
-def test_condiquant_train_then_test_and_resume(project):  # noqa: F811  (pytest fixture)
-    opts = _train_options("condiquant")
+def test_condiquant_train_then_test_and_resume(project):
+    opts = train_options("condiquant")
     opts["conditioning"] = {"num_patches": 4, "patch_size": 12, "holdout_patches": 2, "iters": 10}
-    assert main_train(["-opt", _write(project, "train.yml", opts)]) == 0
+    assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 0
     exp = project / "experiments" / "tiny_condiquant"
     report = json.loads((exp / "conditioning.json").read_text())
     assert (exp / "conditioning_kappa.png").stat().st_size > 0
@@ -247,12 +247,12 @@ def test_condiquant_train_then_test_and_resume(project):  # noqa: F811  (pytest 
     torch.testing.assert_close(model.IMDB1.c1.weight, params["IMDB1.c1.weight"])
     test_opts = {"name": "score_condiquant", "scale": 2, "network_g": NET, "path": {"pretrain_network_g": str(ckpt)},
                  "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}}
-    assert main_test(["-opt", _write(project, "test.yml", test_opts)]) == 0
+    assert main_test(["-opt", write_yaml(project, "test.yml", test_opts)]) == 0
     scores = json.loads((project / "results" / "score_condiquant" / "metrics.json").read_text())
     assert np.isfinite(scores["datasets"]["Bench"]["psnr"])
     # Resume at iteration 2: conditioning is skipped and the state restores the conditioned weights.
     opts["path"]["resume_state"] = str(exp / "training_states" / "2.state")
-    assert main_train(["-opt", _write(project, "resume.yml", opts)]) == 0
+    assert main_train(["-opt", write_yaml(project, "resume.yml", opts)]) == 0
     again = torch.load(ckpt, weights_only=True)["params"]
     for key in params:
         torch.testing.assert_close(again[key], params[key])

@@ -6,53 +6,16 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from condiquant.archs import build_network
+from conftest import NET, train_options, write_yaml
+
 from condiquant.cli import main_test, main_train
-from condiquant.data.paired import write_image
 from condiquant.quant.attach import named_quantizers
 from condiquant.quant.checkpoint import build_quantized
 
-NET = {"type": "IMDN", "upscale": 2, "nf": 16, "num_modules": 2}
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        # Smooth-ish images so the network output is not pure noise.
-        base = rng.integers(0, 256, (6, 7, 3)).astype(np.float32)
-        img = np.kron(base, np.ones((8, 8, 1)))[:44, :52]
-        write_image(tmp_path / "calib" / "A" / f"c{i}.png", img.clip(0, 255).astype(np.uint8))
-    for i in range(2):
-        write_image(tmp_path / "bench" / "HR" / f"b{i}.png", rng.integers(0, 256, (24, 28, 3)).astype(np.uint8))
-    torch.manual_seed(0)
-    torch.save({"params": build_network(NET).state_dict()}, tmp_path / "fp.pth")
-    return tmp_path
-
-
-def _train_options(method: str, **dqc):
-    return {
-        "name": f"tiny_{method}", "scale": 2, "method": method, "network_g": NET,
-        "path": {"pretrain_network_g": "fp.pth"},
-        "quant": {"w_bit": 4, "a_bit": 4},
-        "calib": {"roots": ["calib/A"], "num_patches": 4, "patch_size": 12, "chunk_size": 2, "val_patch_size": 16},
-        "dqc": {"total_iter": 4, "batch_size": 2, "patch_size": 12, "print_freq": 2, "val_freq": 2,
-                "save_checkpoint_freq": 2, **dqc},
-    }
-
-
-def _write(project, name, data):
-    path = project / name
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
 @pytest.mark.parametrize("method", ["minmax", "percentile", "dobi", "2dquant"])
 def test_train_then_test_round_trip(project, method):
-    assert main_train(["-opt", _write(project, "train.yml", _train_options(method))]) == 0
+    assert main_train(["-opt", write_yaml(project, "train.yml", train_options(method))]) == 0
     exp = project / "experiments" / f"tiny_{method}"
     ckpt = exp / "models" / "net_q_latest.pth"
     assert ckpt.is_file() and (exp / f"tiny_{method}.yml").is_file()
@@ -62,13 +25,13 @@ def test_train_then_test_round_trip(project, method):
     test_opts = {"name": f"score_{method}", "scale": 2, "network_g": NET,
                  "path": {"pretrain_network_g": str(ckpt)},
                  "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}}
-    assert main_test(["-opt", _write(project, "test.yml", test_opts)]) == 0
+    assert main_test(["-opt", write_yaml(project, "test.yml", test_opts)]) == 0
     report = json.loads((project / "results" / f"score_{method}" / "metrics.json").read_text())
     assert np.isfinite(report["datasets"]["Bench"]["psnr"])
 
 
 def test_dqc_trains_only_bounds_and_resumes(project):
-    assert main_train(["-opt", _write(project, "train.yml", _train_options("2dquant"))]) == 0
+    assert main_train(["-opt", write_yaml(project, "train.yml", train_options("2dquant"))]) == 0
     exp = project / "experiments" / "tiny_2dquant"
     full = torch.load(exp / "models" / "net_q_latest.pth", weights_only=True)["params"]
     fp = torch.load(project / "fp.pth", weights_only=True)["params"]
@@ -77,37 +40,37 @@ def test_dqc_trains_only_bounds_and_resumes(project):
     at2 = torch.load(exp / "models" / "net_q_2.pth", weights_only=True)["params"]
     assert any(not torch.equal(full[k], at2[k]) for k in full if k.endswith((".lower", ".upper")))
     # Resume from iteration 2 in the same folder: identical final bounds (deterministic under the seed).
-    resumed = _train_options("2dquant")
+    resumed = train_options("2dquant")
     resumed["path"]["resume_state"] = str(exp / "training_states" / "2.state")
-    assert main_train(["-opt", _write(project, "resume.yml", resumed)]) == 0
+    assert main_train(["-opt", write_yaml(project, "resume.yml", resumed)]) == 0
     again = torch.load(exp / "models" / "net_q_latest.pth", weights_only=True)["params"]
     for key in full:
         torch.testing.assert_close(again[key], full[key])
 
 
 def test_existing_experiment_is_archived(project):
-    opts = _train_options("minmax")
-    assert main_train(["-opt", _write(project, "train.yml", opts)]) == 0
-    assert main_train(["-opt", _write(project, "train.yml", opts)]) == 0
+    opts = train_options("minmax")
+    assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 0
+    assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 0
     names = sorted(p.name for p in (project / "experiments").iterdir())
     assert names[0] == "tiny_minmax" and names[1].startswith("tiny_minmax_archived_")
 
 
 def test_unsupported_bits_is_a_one_line_error(project, capsys):
-    opts = _train_options("minmax")
+    opts = train_options("minmax")
     opts["quant"]["w_bit"] = 1
-    assert main_train(["-opt", _write(project, "train.yml", opts)]) == 2
+    assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 2
     assert "quant.w_bit: unsupported bit-width 1" in capsys.readouterr().err
 
 
 def test_grid_runner_writes_table_and_resumes_from_cache(project):
     from condiquant.grid import run_table
 
-    _write(project, "train.yml", _train_options("minmax"))
-    _write(project, "test.yml", {"name": "unused", "scale": 2, "network_g": NET,
+    write_yaml(project, "train.yml", train_options("minmax"))
+    write_yaml(project, "test.yml", {"name": "unused", "scale": 2, "network_g": NET,
                                  "path": {"pretrain_network_g": "fp.pth"},
                                  "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}})
-    table = _write(project, "table.yml", {"name": "tiny_table", "train_opt": "train.yml", "test_opt": "test.yml",
+    table = write_yaml(project, "table.yml", {"name": "tiny_table", "train_opt": "train.yml", "test_opt": "test.yml",
                                           "methods": ["minmax", "dobi"], "bits": [4, 2]})
     md = run_table(table, [], "test").read_text()
     assert all(f"| {m} | {b} |" in md for m in ("minmax", "dobi") for b in (4, 2))

@@ -4,7 +4,7 @@ No import-time scanning of the file system: an arch exists when its module is im
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Type
+from typing import Dict, Type
 
 import torch.nn as nn
 
