@@ -177,7 +177,7 @@ def merge(manifest: dict[str, Asset], mirror_shas: dict[str, str]) -> tuple[list
 
 
 def _glob_matches(asset: Asset, pattern: str) -> bool:
-    # A pattern naming a folder ("benchmark/Set5", "datasets/calib/") selects everything below it.
+    # A pattern naming a folder ("benchmark/Set5", "datasets/calib/") matches everything below it.
     folder = pattern.rstrip("/") + "/*"
     paths = (asset.dest, asset.source, PurePosixPath(asset.dest).name)
     return any(fnmatch.fnmatchcase(path, pat) for path in paths for pat in (pattern, folder))
