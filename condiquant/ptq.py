@@ -6,6 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.nn as nn
 import yaml
 
 from condiquant.archs import build_network, load_pretrained
@@ -14,7 +16,7 @@ from condiquant.data.calib import CalibrationImages
 from condiquant.methods import METHODS
 from condiquant.methods.context import PTQContext
 from condiquant.methods.dqc import latest_state, validation_psnr
-from condiquant.options import TrainOptions
+from condiquant.options import QuantOptions, TrainOptions
 from condiquant.quant.checkpoint import save_quantized
 from condiquant.quant.presets import resolve_placement
 from condiquant.runtime import configure, fresh_dir, setup_logger, timestamp
@@ -30,9 +32,8 @@ def _resume_path(opts: TrainOptions, exp_dir: Path, source: str) -> Optional[Pat
     return path
 
 
-def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
-    """Calibrate; returns the path of the final quantized checkpoint."""
-    device = configure(opts.device, opts.num_threads, opts.manual_seed)
+def load_fp_model(opts: TrainOptions, source: str, device: torch.device) -> nn.Module:
+    """The pretrained FP network, frozen, in eval mode: the teacher and the starting point of every method."""
     fp = build_network(opts.network_g, f"{source} network_g")
     if not opts.path.pretrain_network_g:
         raise ConfigError(f"{source} path.pretrain_network_g: PTQ needs pretrained weights")
@@ -40,8 +41,20 @@ def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     fp = fp.eval().to(device)
     for p in fp.parameters():
         p.requires_grad_(False)
-    quant = replace(opts.quant, placement=resolve_placement(opts.network_g["type"], opts.quant.placement,
-                                                            f"{source} quant.placement"))
+    return fp
+
+
+def resolved_quant(opts: TrainOptions, source: str) -> QuantOptions:
+    """The quant options with the placement completed from the arch preset."""
+    return replace(opts.quant, placement=resolve_placement(opts.network_g["type"], opts.quant.placement,
+                                                           f"{source} quant.placement"))
+
+
+def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
+    """Calibrate; returns the path of the final quantized checkpoint."""
+    device = configure(opts.device, opts.num_threads, opts.manual_seed)
+    fp = load_fp_model(opts, source, device)
+    quant = resolved_quant(opts, source)
     resolved = replace(opts, quant=quant)
     calib = CalibrationImages(opts.calib.roots, opts.scale, opts.calib.val_fraction, opts.calib.split_seed,
                               f"{source} calib")

@@ -12,7 +12,6 @@ import argparse
 import copy
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.archs import build_network, load_pretrained  # noqa: E402
 from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
 from condiquant.data.calib import CalibrationImages  # noqa: E402
 from condiquant.options import TrainOptions  # noqa: E402
+from condiquant.ptq import load_fp_model, resolved_quant  # noqa: E402
 from condiquant.quant.attach import attach_quantizers, bound_parameters  # noqa: E402
 from condiquant.quant.calibrate import ObserverSpec, init_bounds  # noqa: E402
-from condiquant.quant.presets import resolve_placement  # noqa: E402
 from condiquant.runtime import configure  # noqa: E402
 
 
@@ -47,10 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
     device = configure(opts.device, opts.num_threads, opts.manual_seed)
-    fp = build_network(opts.network_g)
-    load_pretrained(fp, opts.path.pretrain_network_g, opts.path.param_key_g)
-    fp = fp.eval().to(device)
-    quant = replace(opts.quant, placement=resolve_placement(opts.network_g["type"], opts.quant.placement, "quant"))
+    fp = load_fp_model(opts, args.opt, device)
+    quant = resolved_quant(opts, args.opt)
     qmodel = copy.deepcopy(fp)
     attach_quantizers(qmodel, quant)
     r = float(getattr(fp, "input_range", 1.0))
