@@ -34,13 +34,12 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.archs import build_network, load_pretrained  # noqa: E402
 from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
 from condiquant.data.calib import CalibrationImages  # noqa: E402
 from condiquant.methods.context import PTQContext  # noqa: E402
 from condiquant.methods.dqc import validation_psnr  # noqa: E402
 from condiquant.options import ConditioningOptions, TrainOptions  # noqa: E402
-from condiquant.quant.presets import resolve_placement  # noqa: E402
+from condiquant.ptq import load_fp_model, resolved_quant  # noqa: E402
 from condiquant.runtime import configure  # noqa: E402
 from condiquant.transforms.conditioning import condition_layers, conditioning_layers, gather_inputs  # noqa: E402
 
@@ -81,12 +80,8 @@ def main() -> None:
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
     name = args.name or opts.name
     device = configure(opts.device, opts.num_threads, opts.manual_seed)
-    fp = build_network(opts.network_g, "network_g")
-    load_pretrained(fp, opts.path.pretrain_network_g, opts.path.param_key_g, opts.path.strict_load_g)
-    fp = fp.eval().to(device)
-    for p in fp.parameters():
-        p.requires_grad_(False)
-    quant = replace(opts.quant, placement=resolve_placement(opts.network_g["type"], opts.quant.placement, "quant"))
+    fp = load_fp_model(opts, args.opt, device)
+    quant = resolved_quant(opts, args.opt)
     opts = replace(opts, quant=quant)
     calib = CalibrationImages(opts.calib.roots, opts.scale, opts.calib.val_fraction, opts.calib.split_seed, "calib")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
