@@ -100,11 +100,27 @@ class PlacementOptions:
 
 
 @dataclass
+class DualRegionOptions:
+    """OAQ's dual-region activation quantizer (``condiquant/quant/dual_region.py``)."""
+
+    # paper: 2^(b-1)-1 dense + 2 x (2^(b-2)-1) tail levels; code: released OAQ-SR, 2^b dense + 2 x 2^(b-1) tail
+    levels: Literal["paper", "code"] = "paper"
+    bp_percentile: float = 99.0  # initial breakpoint: this percentile of |x| on the calibration activations
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.bp_percentile < 100.0:
+            raise ConfigError(f"{where}.bp_percentile: must be in (0, 100), got {self.bp_percentile}")
+
+
+@dataclass
 class QuantOptions:
     w_bit: int
     a_bit: int
     w_granularity: Literal["tensor", "channel"] = "tensor"
     placement: PlacementOptions = field(default_factory=PlacementOptions)
+    # Quantizer of Linear/Conv2d inputs (MatMul inputs and weights stay uniform).
+    a_quantizer: Literal["uniform", "dual_region"] = "uniform"
+    dual_region: DualRegionOptions = field(default_factory=DualRegionOptions)
 
     def validate(self, where: str) -> None:
         from condiquant.quant.quantizer import SUPPORTED_BITS
@@ -192,7 +208,34 @@ class ConditioningOptions:
     on_violation: Literal["warn", "error"] = "warn"
 
 
-Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant"]
+@dataclass
+class SAFTOptions:
+    """OAQ's sensitivity-aware finetuning of the quantizer parameters against the FP model (no ground truth).
+
+    Epoch e >= 1 trains one group, (e - 1) mod 3: weight bounds, activation bounds, breakpoints; each group has
+    its own Adam and StepLR. Paper: 10 epochs over 100 DIV2K crops of 96x96 LR, update batch 2.
+    """
+
+    epochs: int = 10
+    iters_per_epoch: int = 30  # random calibration crops per epoch (CPU-sized)
+    batch_size: int = 2
+    patch_size: int = 48
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    gamma: float = 0.9  # StepLR decay of a group's lr after each epoch it trains
+    sen_weight: float = 10.0  # w_sktloss of the released code
+    rec_weight: float = 5.0  # lambda of the output L1 term
+    augment: bool = True
+    print_freq: int = 10
+    # Validation PSNR (calibration validation split) and a checkpoint after every epoch; best_val keeps the best.
+    select: Literal["last", "best_val"] = "last"
+
+    def validate(self, where: str) -> None:
+        if self.epochs < 1 or self.iters_per_epoch < 1:
+            raise ConfigError(f"{where}: epochs and iters_per_epoch must be >= 1")
+
+
+Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq"]
 
 
 @dataclass
@@ -209,6 +252,7 @@ class TrainOptions:
     bound_init: BoundInitOptions = field(default_factory=BoundInitOptions)
     dqc: DQCOptions = field(default_factory=DQCOptions)
     conditioning: ConditioningOptions = field(default_factory=ConditioningOptions)
+    saft: SAFTOptions = field(default_factory=SAFTOptions)
     device: str = "auto"
     num_threads: int = 0
     manual_seed: int = 0
@@ -216,6 +260,8 @@ class TrainOptions:
     def validate(self, where: str) -> None:
         if "type" not in self.network_g:
             raise ConfigError(f"{where} network_g.type: required key is missing")
+        if self.method in ("oaq", "condiquant_oaq") and self.quant.a_quantizer != "dual_region":
+            raise ConfigError(f"{where} quant.a_quantizer: method {self.method} needs 'dual_region'")
 
 
 @dataclass

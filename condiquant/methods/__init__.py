@@ -5,7 +5,7 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from condiquant.methods import baselines, condiquant, twodquant
+from condiquant.methods import baselines, condiquant, oaq, twodquant
 from condiquant.methods.context import PTQContext
 
 METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
@@ -14,4 +14,6 @@ METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
     "dobi": baselines.dobi,
     "2dquant": twodquant.run,
     "condiquant": condiquant.run,
+    "oaq": oaq.run,
+    "condiquant_oaq": oaq.run_conditioned,
 }

@@ -17,7 +17,8 @@ from condiquant.methods.dqc import distill
 from condiquant.transforms.conditioning import condition_model, conditioning_layers
 
 
-def run(ctx: PTQContext) -> nn.Module:
+def conditioned_copy(ctx: PTQContext) -> nn.Module:
+    """A float copy of ``ctx.fp_model`` with conditioned weights (left as is on resume: the state restores them)."""
     model = copy.deepcopy(ctx.fp_model)
     if ctx.resume is None:
         c = ctx.opts.conditioning
@@ -33,7 +34,11 @@ def run(ctx: PTQContext) -> nn.Module:
                         ctx.exp_dir)
     else:
         ctx.logger.info("resume: conditioning skipped, the training state restores the conditioned weights")
-    model = ctx.quantize(model)
+    return model
+
+
+def run(ctx: PTQContext) -> nn.Module:
+    model = ctx.quantize(conditioned_copy(ctx))
     if ctx.resume is None:
         ctx.init_bounds(model, "dobi")
     return distill(model, ctx, ctx.resume)

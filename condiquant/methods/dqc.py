@@ -10,7 +10,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -79,6 +79,50 @@ def latest_state(exp_dir: Path) -> Optional[Path]:
     return states[-1] if states else None
 
 
+Best = Tuple[float, int]  # (calibration-validation PSNR, iteration)
+
+
+def load_state(path: Path, model: nn.Module, stateful: Dict[str, Any], rng: np.random.Generator,
+               ctx: PTQContext) -> Tuple[int, Best]:
+    """Restore a training state written by :func:`save_checkpoint`; returns (iteration, best)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG objects
+    model.load_state_dict(state["params"])
+    for key, obj in stateful.items():  # optimizers and schedulers
+        obj.load_state_dict(state[key])
+    rng.bit_generator.state = state["rng"]
+    ctx.logger.info("resumed from %s at iteration %d", path, state["iter"])
+    return state["iter"], tuple(state["best"])
+
+
+def save_checkpoint(model: nn.Module, ctx: PTQContext, it: int, stateful: Dict[str, Any],
+                    rng: np.random.Generator, best: Best) -> None:
+    """``models/net_q_<it>.pth`` and ``training_states/<it>.state`` (everything a resume needs)."""
+    save_quantized(ctx.exp_dir / "models" / f"net_q_{it}.pth", model, ctx.opts.network_g, ctx.quant)
+    state_path = ctx.exp_dir / "training_states" / f"{it}.state"
+    state_path.parent.mkdir(exist_ok=True)
+    torch.save({"params": model.state_dict(), **{k: v.state_dict() for k, v in stateful.items()},
+                "rng": rng.bit_generator.state, "iter": it, "best": list(best)}, state_path)
+
+
+def initial_candidate(model: nn.Module, ctx: PTQContext) -> Best:
+    """The initial bounds are a candidate too: training must beat them on validation to be kept."""
+    best = (validation_psnr(model, ctx), 0)
+    ctx.logger.info("iter 0: calibration-validation PSNR %.3f dB", best[0])
+    save_quantized(ctx.exp_dir / "models" / "net_q_0.pth", model, ctx.opts.network_g, ctx.quant)
+    return best
+
+
+def select_checkpoint(model: nn.Module, ctx: PTQContext, best: Best, last: int, hint: str) -> None:
+    """Load the best-validation checkpoint into ``model`` unless it is the last one."""
+    if best[1] == last:
+        return
+    path = ctx.exp_dir / "models" / f"net_q_{best[1]}.pth"
+    if not path.is_file():
+        raise RuntimeError(f"best_val selection needs {path}: {hint}")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["params"])
+    ctx.logger.info("selected iteration %d by calibration-validation PSNR %.3f dB", best[1], best[0])
+
+
 def distill(model: nn.Module, ctx: PTQContext, resume: Optional[Path] = None) -> nn.Module:
     """Train the bounds of ``model`` (already initialised) against ``ctx.fp_model``; returns the selected model."""
     opt = ctx.opts.dqc
@@ -91,25 +135,15 @@ def distill(model: nn.Module, ctx: PTQContext, resume: Optional[Path] = None) ->
     optimizer = torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opt))
     rng = np.random.default_rng(ctx.opts.manual_seed + 1)
-    start, best = 0, (-float("inf"), -1)
-    if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)  # our own file: holds RNG objects
-        model.load_state_dict(state["params"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = state["rng"]
-        start, best = state["iter"], tuple(state["best"])
-        ctx.logger.info("resumed from %s at iteration %d", resume, start)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler}
+    start, best = load_state(resume, model, stateful, rng, ctx) if resume is not None else (0, (-float("inf"), -1))
 
     from torch.utils.tensorboard import SummaryWriter  # heavy import, only when distilling
     writer = SummaryWriter(str(Path("tb_logger") / ctx.opts.name))
     patterns = ctx.quant.placement.feature_modules
     r = ctx.input_range
-    models_dir = ctx.exp_dir / "models"
-    if resume is None:  # the initial bounds are a candidate too: DQC must beat them on validation to be kept
-        best = (validation_psnr(model, ctx), 0)
-        ctx.logger.info("iter 0: calibration-validation PSNR %.3f dB", best[0])
-        save_quantized(models_dir / "net_q_0.pth", model, ctx.opts.network_g, ctx.quant)
+    if resume is None:
+        best = initial_candidate(model, ctx)
     tic = time.perf_counter()
     model.train(False)  # BatchNorm/Dropout stay in inference mode; only bounds learn
     with capture(teacher, patterns) as t_feats, capture(model, patterns) as s_feats:
@@ -138,19 +172,10 @@ def distill(model: nn.Module, ctx: PTQContext, resume: Optional[Path] = None) ->
                 if psnr > best[0]:
                     best = (psnr, it)
             if it % opt.save_checkpoint_freq == 0 or it == opt.total_iter:
-                save_quantized(models_dir / f"net_q_{it}.pth", model, ctx.opts.network_g, ctx.quant)
-                state_path = ctx.exp_dir / "training_states" / f"{it}.state"
-                state_path.parent.mkdir(exist_ok=True)
-                torch.save({"params": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state, "iter": it,
-                            "best": list(best)}, state_path)
+                save_checkpoint(model, ctx, it, stateful, rng, best)
     writer.close()
     for p in params:
         p.requires_grad_(False)
-    if opt.select == "best_val" and best[1] != opt.total_iter:
-        path = models_dir / f"net_q_{best[1]}.pth"
-        if not path.is_file():
-            raise RuntimeError(f"best_val selection needs {path}: make val_freq a multiple of save_checkpoint_freq")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["params"])
-        ctx.logger.info("selected iteration %d by calibration-validation PSNR %.3f dB", best[1], best[0])
+    if opt.select == "best_val":
+        select_checkpoint(model, ctx, best, opt.total_iter, "make val_freq a multiple of save_checkpoint_freq")
     return model

@@ -7,7 +7,9 @@ import torch.nn as nn
 
 from condiquant.archs.ops import MatMul
 from condiquant.options import QuantOptions
-from condiquant.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule, has_conv_input
+from condiquant.quant.dual_region import DualRegionQuantizer
+from condiquant.quant.modules import (ActQuantizerFactory, QuantConv2d, QuantLinear, QuantMatMul, QuantModule,
+                                      has_conv_input)
 from condiquant.quant.patterns import matches
 from condiquant.quant.quantizer import UniformQuantizer
 
@@ -47,19 +49,28 @@ def select_modules(model: nn.Module, quant: QuantOptions) -> List[Selected]:
     return selected
 
 
+def act_quantizer_factory(quant: QuantOptions) -> ActQuantizerFactory:
+    """The input quantizer of Linear/Conv2d layers that ``quant.a_quantizer`` asks for."""
+    if quant.a_quantizer == "dual_region":
+        d = quant.dual_region
+        return lambda bits: DualRegionQuantizer(bits, d.levels, d.bp_percentile)
+    return UniformQuantizer
+
+
 def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
     """Replace the modules :func:`select_modules` picks, in place, with quantized ones; returns their names."""
     place = quant.placement
     per_channel = quant.w_granularity == "channel"
+    make_act = act_quantizer_factory(quant)
     replaced = []
     for name, module, kind, splits in select_modules(model, quant):
         high = matches(name, place.high_precision)
         w_bits = place.high_precision_bit if high else quant.w_bit
         a_bits = place.high_precision_bit if high else quant.a_bit
         if kind == "Linear":
-            new: nn.Module = QuantLinear(module, w_bits, a_bits, per_channel, splits)
+            new: nn.Module = QuantLinear(module, w_bits, a_bits, per_channel, splits, make_act)
         elif kind == "Conv2d":
-            new = QuantConv2d(module, w_bits, a_bits, per_channel)
+            new = QuantConv2d(module, w_bits, a_bits, per_channel, make_act)
         else:
             new = QuantMatMul(module, a_bits)
         parent_name, _, child = name.rpartition(".")
@@ -90,8 +101,8 @@ def quant_modules(model: nn.Module) -> Iterator[Tuple[str, QuantModule]]:
 
 
 def bound_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """All learnable quantizer bounds (what DQC trains)."""
-    return [p for _, q in named_quantizers(model) for p in (q.lower, q.upper)]
+    """All learnable quantizer parameters (what DQC trains): bounds, and dual-region breakpoints."""
+    return [p for _, q in named_quantizers(model) for p in q.parameters()]
 
 
 def set_quant_enabled(model: nn.Module, enabled: bool) -> None:

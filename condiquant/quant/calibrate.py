@@ -14,6 +14,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
+from condiquant.quant.dual_region import DualRegionObserver, DualRegionQuantizer
 from condiquant.quant.observers import DOBIObserver, MinMaxObserver, PercentileObserver
 from condiquant.quant.patterns import matches
 from condiquant.quant.quantizer import Observer, UniformQuantizer
@@ -30,6 +31,9 @@ class ObserverSpec:
     seed: int = 0
 
     def build(self, q: UniformQuantizer, one_direction: bool) -> Observer:
+        """The observer of ``kind``; dual-region quantizers always get OAQ's min/max + |x|-percentile one."""
+        if isinstance(q, DualRegionQuantizer):
+            return DualRegionObserver(q.bp_percentile, max_samples=self.max_samples, seed=self.seed)
         axis = q.channel_axis
         if self.kind == "minmax":
             return MinMaxObserver(axis)
@@ -83,6 +87,8 @@ def init_bounds(model: nn.Module, batches: Iterable[torch.Tensor], spec: Observe
             q.enabled = True
     for name, q in tqdm(acts.items(), desc=f"{spec.kind} activation bounds", leave=False):
         q.set_bounds(*observers[name].bounds(q.n_bits))
+        if isinstance(q, DualRegionQuantizer):
+            q.set_breakpoint(observers[name].breakpoint())
     for name, q, w in tqdm(weights, desc=f"{spec.kind} weight bounds", leave=False):
         obs = make(name, q)
         obs.observe(w.detach())

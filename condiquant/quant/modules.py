@@ -6,7 +6,7 @@ independent weight and input quantizers each (2DQuant quantizes SwinIR's fused q
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -16,8 +16,12 @@ from condiquant.archs.ops import MatMul
 from condiquant.quant.quantizer import UniformQuantizer
 
 
-def _act_quantizers(n: int, a_bits: Optional[int]) -> nn.ModuleList:
-    return nn.ModuleList([UniformQuantizer(a_bits) for _ in range(n)] if a_bits else [])
+# Builds the input quantizer of a Linear/Conv2d from its bit-width (uniform, or dual-region for OAQ).
+ActQuantizerFactory = Callable[[int], UniformQuantizer]
+
+
+def _act_quantizers(n: int, a_bits: Optional[int], make: ActQuantizerFactory) -> nn.ModuleList:
+    return nn.ModuleList([make(a_bits) for _ in range(n)] if a_bits else [])
 
 
 def _weight_quantizers(n: int, w_bits: Optional[int], channels: int, per_channel: bool) -> nn.ModuleList:
@@ -37,7 +41,7 @@ class QuantModule(nn.Module):
 
 class QuantLinear(QuantModule):
     def __init__(self, src: nn.Linear, w_bits: Optional[int], a_bits: Optional[int], per_channel: bool = False,
-                 splits: int = 1):
+                 splits: int = 1, act_quantizer: ActQuantizerFactory = UniformQuantizer):
         super().__init__()
         if src.out_features % splits:
             raise ValueError(f"cannot split {src.out_features} outputs into {splits} equal parts")
@@ -45,7 +49,7 @@ class QuantLinear(QuantModule):
         self.weight, self.bias = src.weight, src.bias
         chunk = src.out_features // splits
         self.weight_quantizers = _weight_quantizers(splits, w_bits, chunk, per_channel)
-        self.input_quantizers = _act_quantizers(splits, a_bits)
+        self.input_quantizers = _act_quantizers(splits, a_bits, act_quantizer)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, splits={self.splits}"
@@ -70,7 +74,8 @@ class QuantConv2d(QuantModule):
     """Quantized Conv2d. For a subclass with a ``conv_input(x)`` pre-transform, the transform is kept (its
     buffers are re-registered under the same names) and the input quantizer sees the transformed input."""
 
-    def __init__(self, src: nn.Conv2d, w_bits: Optional[int], a_bits: Optional[int], per_channel: bool = False):
+    def __init__(self, src: nn.Conv2d, w_bits: Optional[int], a_bits: Optional[int], per_channel: bool = False,
+                 act_quantizer: ActQuantizerFactory = UniformQuantizer):
         super().__init__()
         if src.padding_mode != "zeros":
             raise ValueError(f"padding_mode {src.padding_mode!r} is not supported")
@@ -81,7 +86,7 @@ class QuantConv2d(QuantModule):
         for name, buf in src.named_buffers(recurse=False):
             self.register_buffer(name, buf)
         self.weight_quantizers = _weight_quantizers(1, w_bits, src.out_channels, per_channel)
-        self.input_quantizers = _act_quantizers(1, a_bits)
+        self.input_quantizers = _act_quantizers(1, a_bits, act_quantizer)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, {self.conv_args}"
