@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Seconds per DQC iteration and the fake-quantization slowdown versus FP, measured in one run.
 
-    python scripts/bench_dqc.py -opt options/train/EMT_x4_W4A4_2dquant.yml [--iters 3] [--set key=value ...]
+    python scripts/bench_dqc.py -opt options/train/EMT_x4_2dquant.yml [--iters 3] [--set key=value ...]
 
 Uses the options' network, quantizer placement and DQC batch/patch size. Bounds come from a quick MinMax pass
-(timing does not depend on their values). Prints a Markdown table and writes it to results/benchmarks/.
+(timing does not depend on their values). Prints a Markdown table and writes it to
+results/bench_dqc_<options stem>.md.
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import copy
 import sys
 import time
@@ -82,7 +84,7 @@ def main() -> None:
     rows = [
         f"# DQC benchmark: {opts.network_g['type']} x{opts.scale} W{quant.w_bit}A{quant.a_bit}",
         "",
-        f"`python scripts/bench_dqc.py -opt {args.opt}` ({' '.join('--set ' + s for s in args.set)}); "
+        f"`{' '.join(shlex.quote(a) for a in ['python', 'scripts/bench_dqc.py', *sys.argv[1:]])}`: "
         f"batch {d.batch_size} x {d.patch_size}x{d.patch_size} LR, {torch.get_num_threads()} threads, {device}, "
         f"mean of {args.iters} after one warm-up.",
         "",
@@ -96,7 +98,7 @@ def main() -> None:
     ]
     text = "\n".join(rows)
     print(text)
-    out = Path("results") / "benchmarks" / f"dqc_{opts.name}.md"
+    out = Path("results") / f"bench_dqc_{Path(args.opt).stem}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
 
