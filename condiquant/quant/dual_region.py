@@ -102,12 +102,7 @@ class DualRegionQuantizer(UniformQuantizer):
             return math.log2(dense_n + 2 * tail_n)
         return math.log2(2 * dense_n - 1 if one_sided else dense_n + 2 * tail_n)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.observe(x.detach())
-            return x
-        if not self.enabled or not bool(self.initialized):
-            return x
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return dual_region_quant(x, self.lower.reshape(()), self.upper.reshape(()), self.breakpoint.reshape(()),
                                  self.n_bits, self.levels)
 
