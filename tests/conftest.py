@@ -15,6 +15,18 @@ from condiquant.data.paired import write_image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts are not part of the package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 def mirror_dir() -> Path:
     return Path(os.environ.get("CONDIQUANT_ASSETS", REPO.parent / "shared" / "assets"))
 

@@ -2,19 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, load_script
 
-REPO = Path(__file__).resolve().parent.parent
 
-_spec = importlib.util.spec_from_file_location("fetch_assets", REPO / "scripts" / "fetch_assets.py")
-assert _spec is not None and _spec.loader is not None
-fa = importlib.util.module_from_spec(_spec)
-sys.modules["fetch_assets"] = fa  # dataclasses look their module up here
-_spec.loader.exec_module(fa)
+fa = load_script("fetch_assets")
 
 FILES = {
     "benchmark/Set5/HR/baby.png": b"baby",

@@ -1,24 +1,18 @@
 """scripts/visual_compare.py: entries, crop box, enlargement, PSNR captions and the figure, on synthetic images."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import load_script
 
 from condiquant import metrics
 from condiquant.config import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 
-_spec = importlib.util.spec_from_file_location("visual_compare", REPO / "scripts" / "visual_compare.py")
-assert _spec is not None and _spec.loader is not None
-vc = importlib.util.module_from_spec(_spec)
-sys.modules["visual_compare"] = vc  # dataclasses look their module up here
-_spec.loader.exec_module(vc)
+vc = load_script("visual_compare")
 
 
 def synthetic(h: int = 20, w: int = 30, seed: int = 0) -> np.ndarray:
