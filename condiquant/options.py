@@ -195,7 +195,7 @@ class ConditioningOptions:
     # kappa_bound: G = indicator(kappa <= kappa_max), prox clips s into [s_max / kappa_max, s_max]
     regularizer: Literal["shrink", "kappa_bound"] = "shrink"
     # Unitless: the data term is divided by its Lipschitz constant L, so the per-step shrink factor is
-    # 1 / (1 + lam); 1e-3 cut max kappa ~1e4 -> ~200 at <= 5% held-out output change on EMT/IMDN.
+    # 1 / (1 + lam); with 1e-3 every held-out layer output of EMT/IMDN x4 moved < 5% (conditioning.json).
     lam: float = 1.0e-3
     kappa_max: float = 30.0
     iters: int = 100
