@@ -13,7 +13,7 @@ import yaml
 
 from condiquant.config import apply_overrides, from_dict, load_yaml
 from condiquant.evaluate import run_test
-from condiquant.options import TableOptions, TestOptions, TrainOptions
+from condiquant.options import TableOptions, TestOptions, TrainOptions, VariantOptions
 from condiquant.ptq import run_train
 from condiquant.runtime import LOG_FORMAT
 
@@ -31,6 +31,7 @@ def _test_options(table: TableOptions, name: str, **changes: Any) -> TestOptions
 
 
 def run_cell(table: TableOptions, method: str, bits: int, out_dir: Path) -> Dict[str, Any]:
+    """``method``: a column of the table (a method, or a variant's name)."""
     cell = _cell_id(method, bits)
     name = f"{table.name}_{cell}"
     tic = time.perf_counter()
@@ -42,13 +43,16 @@ def run_cell(table: TableOptions, method: str, bits: int, out_dir: Path) -> Dict
         opts = replace(base, network_g={"type": "Bicubic", "upscale": base.scale},
                        path=replace(base.path, pretrain_network_g=None), reference=None)
     else:
-        data = apply_overrides(load_yaml(table.train_opt), [f"{k}={json.dumps(v)}" for k, v in {
-            **table.train_overrides, "name": name, "method": method, "quant.w_bit": bits, "quant.a_bit": bits,
-        }.items()], table.train_opt)
-        train_opts = from_dict(TrainOptions, data, f"{table.train_opt}:")
+        variant = table.variants.get(method, VariantOptions(method))
+        source = variant.train_opt or table.train_opt
+        data = apply_overrides(load_yaml(source), [f"{k}={json.dumps(v)}" for k, v in {
+            **table.train_overrides, **variant.overrides, "name": name, "method": variant.method,
+            "quant.w_bit": bits, "quant.a_bit": bits,
+        }.items()], source)
+        train_opts = from_dict(TrainOptions, data, f"{source}:")
         ckpt = Path("experiments") / name / "models" / "net_q_latest.pth"
         if not ckpt.is_file():  # a checkpoint from an interrupted grid run is reused as is
-            ckpt = run_train(train_opts, table.train_opt, f"scripts/reproduce.py cell {cell}")
+            ckpt = run_train(train_opts, source, f"scripts/reproduce.py cell {cell}")
         train_seconds = time.perf_counter() - tic
         base = _test_options(table, name)
         opts = replace(base, network_g=train_opts.network_g, path=replace(base.path, pretrain_network_g=str(ckpt)),
@@ -81,7 +85,11 @@ def render(table: TableOptions, results: List[Dict[str, Any]], command: str) -> 
     lines = [f"# {table.name}", "",
              f"Produced by `{command}` (train options `{table.train_opt}`, test options `{table.test_opt}`).",
              "PSNR (dB) / SSIM on Y. Columns marked *paper* are published numbers, not ours"
-             + (f" ({paper.get('source')})" if paper else "") + ".", ""]
+             + (f" ({paper.get('source')})" if paper else "") + "."]
+    for label, v in table.variants.items():
+        lines.append(f"- row `{label}`: method `{v.method}`, options `{v.train_opt or table.train_opt}`"
+                     + "".join(f", `{k}={json.dumps(x)}`" for k, x in v.overrides.items()) + ".")
+    lines.append("")
     header = "| method | bits | " + " | ".join(names) + (" | " + " | ".join(f"{n} *paper*" for n in names)
                                                        if paper else "") + " | calibration s | total s |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]

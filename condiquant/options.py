@@ -1,6 +1,7 @@
 """Option schemas shared by ``test.py`` and ``train.py`` (BasicSR key names where BasicSR has one)."""
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
@@ -187,10 +188,32 @@ class TrainPathOptions:
 
 
 @dataclass
-class ConditioningOptions:
-    """CondiQuant's weight conditioning: min_W 1/2 ||X W^T - X W0^T||_F^2 + lam * G(W) by proximal gradient,
-    X the layer's FP input on calibration crops (convolutions unfolded), K iterations, step 1/L."""
+class NoiseAwareOptions:
+    """Activation-noise-aware correction (``condiquant/transforms/noise_aware.py``):
+    W = W0 (X^T Xq + rho I) (Xq^T Xq + rho I)^-1, Xq the layer's input after its activation quantizer."""
 
+    # rho = ridge * trace(Xq^T Xq) / d: relative to the mean eigenvalue, so unitless
+    ridge: float = 1.0e-2
+    # What the ridge pulls W towards: w0 (the original weights) or zero (plain ridge regression)
+    anchor: Literal["w0", "zero"] = "w0"
+    # Sequential: each layer's Xq comes from the quantized network with the layers before it already corrected
+    # (one forward of all crops as a single batch); otherwise from the FP network's inputs.
+    sequential: bool = False
+
+    def validate(self, where: str) -> None:
+        if not self.ridge >= 0:
+            raise ConfigError(f"{where}.ridge: must be >= 0, got {self.ridge}")
+
+
+@dataclass
+class ConditioningOptions:
+    """Weight conditioning before bound learning. ``prox`` is CondiQuant's: min_W 1/2 ||X W^T - X W0^T||_F^2 +
+    lam * G(W) by proximal gradient, X the layer's FP input on calibration crops (convolutions unfolded), K
+    iterations, step 1/L. ``noise_aware`` fits W to the quantized input instead (``noise_aware:`` block)."""
+
+    # Run in this order; noise_aware needs activation bounds, so the network is quantized (DOBI) before it.
+    passes: List[Literal["prox", "noise_aware"]] = field(default_factory=lambda: ["prox"])
+    noise_aware: NoiseAwareOptions = field(default_factory=NoiseAwareOptions)
     # shrink: G = 1/2 sum (s_i - mean s)^2, prox s_i <- mean + (s_i - mean) / (1 + eta * lam)
     # kappa_bound: G = indicator(kappa <= kappa_max), prox clips s into [s_max / kappa_max, s_max]
     regularizer: Literal["shrink", "kappa_bound"] = "shrink"
@@ -204,8 +227,12 @@ class ConditioningOptions:
     num_patches: int = 16  # calibration crops whose FP inputs give X^T X
     patch_size: int = 64
     holdout_patches: int = 8  # crops of the validation images for the output-equivalence check
-    tolerance: float = 0.05  # max relative change of any layer's output on the held-out crops
+    tolerance: float = 0.05  # prox: max relative change of any layer's output on the held-out crops
     on_violation: Literal["warn", "error"] = "warn"
+
+    def validate(self, where: str) -> None:
+        if not self.passes or len(set(self.passes)) != len(self.passes):
+            raise ConfigError(f"{where}.passes: give each of 'prox', 'noise_aware' at most once, at least one")
 
 
 @dataclass
@@ -265,12 +292,22 @@ class TrainOptions:
 
 
 @dataclass
+class VariantOptions:
+    """A table column that is not a plain ``method:`` value: a method with its own base options and overrides."""
+
+    method: Method
+    train_opt: Optional[str] = None  # None: the table's train_opt
+    overrides: Dict[str, Any] = field(default_factory=dict)  # ``key.path: value``, after the table's
+
+
+@dataclass
 class TableOptions:
     """``scripts/reproduce.py``: a grid of methods x bit-widths, each cell calibrated then scored."""
 
     name: str
     train_opt: str  # base PTQ options (method and bits are set per cell)
     test_opt: str  # FP scoring options: network, weights, datasets, protocol
+    # Columns: ``method:`` values, or names of ``variants``.
     methods: List[str] = field(default_factory=lambda: ["minmax", "percentile", "dobi", "2dquant"])
     bits: List[int] = field(default_factory=lambda: [4, 3, 2])  # WbAb
     datasets: Optional[List[str]] = None  # subset of the test options' dataset names; None = all
@@ -279,3 +316,11 @@ class TableOptions:
     # Overrides applied to every cell's train options (``key.path: value``), e.g. a faster DQC schedule.
     train_overrides: Dict[str, Any] = field(default_factory=dict)
     paper: Optional[str] = None  # key of condiquant/paper_tables.yml printed beside ours
+    variants: Dict[str, VariantOptions] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        methods = typing.get_args(Method)
+        for label in self.methods:
+            if label not in self.variants and label not in methods:
+                raise ConfigError(f"{where} methods: {label!r} is neither a method ({', '.join(methods)}) nor a "
+                                  f"key of variants")

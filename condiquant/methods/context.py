@@ -5,7 +5,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ import torch.nn as nn
 from condiquant.data.calib import CalibrationImages
 from condiquant.options import QuantOptions, TrainOptions
 from condiquant.quant.attach import attach_quantizers
-from condiquant.quant.calibrate import ObserverSpec, init_bounds
+from condiquant.quant.calibrate import ObserverSpec, init_bounds, init_weight_bounds
 
 
 @dataclass
@@ -55,3 +55,9 @@ class PTQContext:
         n = init_bounds(model, self.calibration_batches(), spec, self.quant.placement.one_direction,
                         self.input_range)
         self.logger.info("initialised %d quantizers with %s", n, observer)
+
+    def init_weight_bounds(self, model: nn.Module, modules: Optional[Iterable[str]] = None) -> None:
+        """Refit the weight bounds (of ``modules``, or all) with DOBI after a pass changed the weights."""
+        b = self.opts.bound_init
+        spec = ObserverSpec("dobi", b.percentile, b.dobi_steps, b.max_samples, self.opts.calib.seed)
+        init_weight_bounds(model, spec, self.quant.placement.one_direction, modules)

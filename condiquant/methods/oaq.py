@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from condiquant.methods.condiquant import conditioned_copy
+from condiquant.methods.condiquant import conditioned_quantized
 from condiquant.methods.context import PTQContext
 from condiquant.methods.dqc import (capture, initial_candidate, load_state, save_checkpoint, select_checkpoint,
                                     validation_psnr)
@@ -140,16 +140,13 @@ def saft(model: nn.Module, ctx: PTQContext, resume: Optional[Path] = None) -> nn
     return model
 
 
-def _finetune(model: nn.Module, ctx: PTQContext) -> nn.Module:
+def run(ctx: PTQContext) -> nn.Module:
+    model = ctx.quantized_copy()
     if ctx.resume is None:
         ctx.init_bounds(model, "dobi")
     return saft(model, ctx, ctx.resume)
 
 
-def run(ctx: PTQContext) -> nn.Module:
-    return _finetune(ctx.quantized_copy(), ctx)
-
-
 def run_conditioned(ctx: PTQContext) -> nn.Module:
-    """CondiQuant's weight conditioning first, then OAQ."""
-    return _finetune(ctx.quantize(conditioned_copy(ctx)), ctx)
+    """CondiQuant's weight conditioning passes first (``conditioning:``), then OAQ."""
+    return saft(conditioned_quantized(ctx), ctx, ctx.resume)

@@ -89,8 +89,19 @@ def init_bounds(model: nn.Module, batches: Iterable[torch.Tensor], spec: Observe
         q.set_bounds(*observers[name].bounds(q.n_bits))
         if isinstance(q, DualRegionQuantizer):
             q.set_breakpoint(observers[name].breakpoint())
+    init_weight_bounds(model, spec, patterns)
+    return len(weights) + len(acts)
+
+
+@torch.no_grad()
+def init_weight_bounds(model: nn.Module, spec: ObserverSpec, one_direction_patterns: Iterable[str] = (),
+                       modules: Iterable[str] | None = None) -> None:
+    """Set the bounds of the weight quantizers (of the named ``modules``, or all) from the current weights; needs
+    no data, so a pass that changes weights after calibration refits them cheaply."""
+    patterns = list(one_direction_patterns)
+    prefixes = None if modules is None else tuple(f"{m}.weight_quantizers." for m in modules)
+    weights = [t for t in weight_quantizer_inputs(model) if prefixes is None or t[0].startswith(prefixes)]
     for name, q, w in tqdm(weights, desc=f"{spec.kind} weight bounds", leave=False):
-        obs = make(name, q)
+        obs = spec.build(q, matches(name, patterns))
         obs.observe(w.detach())
         q.set_bounds(*obs.bounds(q.n_bits))
-    return len(weights) + len(acts)

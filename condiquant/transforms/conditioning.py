@@ -179,17 +179,20 @@ class Gram:
     rows: int
 
 
-def _input_columns(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
-    """X^T in float64 blocks (d, rows) of about _BLOCK_ELEMS values: a Linear's input rows, or a convolution's
-    unfolded patches (after its ``conv_input`` pre-transform), whole samples at a time. Large blocks keep the
-    Gram updates few and large (fast), the bound keeps the float64 copy small."""
+def layer_input(module: nn.Module, x: Tensor) -> Tensor:
+    """What the weight of an FP Linear/Conv2d multiplies: its input, after a ``conv_input`` pre-transform."""
+    return type(module).conv_input(module, x) if has_conv_input(module) else x
+
+
+def input_columns(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
+    """X^T in float64 blocks (d, rows) of about _BLOCK_ELEMS values from ``x = layer_input(module, input)``: a
+    Linear's input rows, or a convolution's unfolded patches, whole samples at a time. Large blocks keep the Gram
+    updates few and large (fast), the bound keeps the float64 copy small."""
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
         for block in rows.split(max(1, _BLOCK_ELEMS // rows.shape[1])):
             yield block.T.double()
         return
-    if has_conv_input(module):
-        x = type(module).conv_input(module, x)
     kh, kw = module.kernel_size
     d = x.shape[1] * kh * kw
     for block in x.split(max(1, _BLOCK_ELEMS // (d * x.shape[2] * x.shape[3]))):
@@ -204,7 +207,7 @@ def collect_grams(model: nn.Module, modules: Mapping[str, nn.Module], batches: I
     grams: Dict[str, Gram] = {}
 
     def hook(name: str, module: nn.Module, inputs: Tuple[Tensor, ...], _out: Tensor) -> None:
-        for cols in _input_columns(module, inputs[0]):
+        for cols in input_columns(module, layer_input(module, inputs[0])):
             if name not in grams:
                 grams[name] = Gram(cols.new_zeros(cols.shape[0], cols.shape[0]), 0)
             grams[name].xtx.addmm_(cols, cols.T)
@@ -343,10 +346,13 @@ def gather_inputs(model: nn.Module, layers: Iterable[str], calib_batches: Iterab
 
 def condition_model(model: nn.Module, opts: ConditioningOptions, calib_batches: Iterable[Tensor],
                     holdout_batches: Iterable[Tensor], layers: Mapping[str, int], input_range: float,
-                    logger: logging.Logger, diagnostics_dir: Optional[Path] = None) -> ConditioningReport:
-    """Condition ``layers`` (name -> output chunks) of the FP ``model`` in place, then check output equivalence
-    on the held-out batches; diagnostics are written (if asked) before the check can raise."""
-    inputs = gather_inputs(model, layers, calib_batches, holdout_batches, input_range)
+                    logger: logging.Logger, diagnostics_dir: Optional[Path] = None,
+                    source: Optional[nn.Module] = None) -> ConditioningReport:
+    """Condition ``layers`` (name -> output chunks) of ``model`` in place, then check output equivalence on the
+    held-out batches; diagnostics are written (if asked) before the check can raise. X comes from ``source`` (an
+    FP network with the same layer names; default ``model`` itself), so ``model`` may already be quantized."""
+    inputs = gather_inputs(source if source is not None else model, layers, calib_batches, holdout_batches,
+                           input_range)
     todo = {n: s for n, s in layers.items() if n in inputs.grams}
     tic = time.perf_counter()
     report = ConditioningReport(opts, condition_layers(model, todo, inputs.grams, inputs.holdout, opts),
@@ -372,14 +378,14 @@ def condition_model(model: nn.Module, opts: ConditioningOptions, calib_batches: 
 # Diagnostics
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Strict JSON: non-finite floats (kappa of a singular matrix) become strings."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -388,7 +394,7 @@ def write_diagnostics(report: ConditioningReport, out_dir: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "conditioning.json").write_text(json.dumps(_jsonable(asdict(report)), indent=1, allow_nan=False))
+    (out_dir / "conditioning.json").write_text(json.dumps(jsonable(asdict(report)), indent=1, allow_nan=False))
     fig = Figure(figsize=(max(6.0, 0.07 * len(report.layers)), 3.6))
     ax = fig.add_subplot()
     idx = np.arange(len(report.layers))
