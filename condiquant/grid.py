@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import yaml
 
@@ -30,6 +30,21 @@ def _test_options(table: TableOptions, name: str, **changes: Any) -> TestOptions
     return replace(base, name=name, datasets=datasets, **changes)
 
 
+def cell_train_options(table: TableOptions, method: str, bits: int, name: str) -> Tuple[TrainOptions, str]:
+    """The train options of a (method or variant, bits) cell, and the file they come from."""
+    variant = table.variants.get(method, VariantOptions(method))
+    source = variant.train_opt or table.train_opt
+    data = apply_overrides(load_yaml(source), [f"{k}={json.dumps(v)}" for k, v in {
+        **table.train_overrides, **variant.overrides, "name": name, "method": variant.method,
+        "quant.w_bit": bits, "quant.a_bit": bits,
+    }.items()], source)
+    return from_dict(TrainOptions, data, f"{source}:"), source
+
+
+def load_table(opt_path: str, overrides: List[str]) -> TableOptions:
+    return from_dict(TableOptions, apply_overrides(load_yaml(opt_path), overrides, opt_path), f"{opt_path}:")
+
+
 def run_cell(table: TableOptions, method: str, bits: int, out_dir: Path) -> Dict[str, Any]:
     """``method``: a column of the table (a method, or a variant's name)."""
     cell = _cell_id(method, bits)
@@ -43,13 +58,7 @@ def run_cell(table: TableOptions, method: str, bits: int, out_dir: Path) -> Dict
         opts = replace(base, network_g={"type": "Bicubic", "upscale": base.scale},
                        path=replace(base.path, pretrain_network_g=None), reference=None)
     else:
-        variant = table.variants.get(method, VariantOptions(method))
-        source = variant.train_opt or table.train_opt
-        data = apply_overrides(load_yaml(source), [f"{k}={json.dumps(v)}" for k, v in {
-            **table.train_overrides, **variant.overrides, "name": name, "method": variant.method,
-            "quant.w_bit": bits, "quant.a_bit": bits,
-        }.items()], source)
-        train_opts = from_dict(TrainOptions, data, f"{source}:")
+        train_opts, source = cell_train_options(table, method, bits, name)
         ckpt = Path("experiments") / name / "models" / "net_q_latest.pth"
         if not ckpt.is_file():  # a checkpoint from an interrupted grid run is reused as is
             ckpt = run_train(train_opts, source, f"scripts/reproduce.py cell {cell}")
@@ -70,7 +79,8 @@ def run_cell(table: TableOptions, method: str, bits: int, out_dir: Path) -> Dict
 def cells(table: TableOptions) -> List[tuple]:
     grid = [("FP", 32)] if table.include_fp else []
     grid += [("Bicubic", 32)] if table.include_bicubic else []
-    return grid + [(m, b) for b in table.bits for m in table.methods]
+    return grid + [(m, b) for b in table.bits for m in table.methods
+                   if m not in table.variants or table.variants[m].bits is None or b in table.variants[m].bits]
 
 
 def load_paper(key: str | None) -> Dict[str, Any]:
@@ -104,7 +114,7 @@ def render(table: TableOptions, results: List[Dict[str, Any]], command: str) -> 
 
 
 def run_table(opt_path: str, overrides: List[str], command: str) -> Path:
-    table = from_dict(TableOptions, apply_overrides(load_yaml(opt_path), overrides, opt_path), f"{opt_path}:")
+    table = load_table(opt_path, overrides)
     out_dir = Path("results") / table.name
     out_dir.mkdir(parents=True, exist_ok=True)
     # One log for the whole table (appended across resumed runs), beside the per-cell logs.

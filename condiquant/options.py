@@ -298,6 +298,7 @@ class VariantOptions:
     method: Method
     train_opt: Optional[str] = None  # None: the table's train_opt
     overrides: Dict[str, Any] = field(default_factory=dict)  # ``key.path: value``, after the table's
+    bits: Optional[List[int]] = None  # the bit-widths of the table this row is run at; None = all
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """``train.py``: run the configured PTQ method and write ``experiments/<name>/``."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -77,7 +78,10 @@ def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     seconds = time.perf_counter() - tic
     final = exp_dir / "models" / "net_q_latest.pth"
     save_quantized(final, model, opts.network_g, quant)
+    summary = {"method": opts.method, "seconds": seconds, "fp_val_psnr": validation_psnr(fp, ctx),
+               "val_psnr": validation_psnr(model, ctx)}
+    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     logger.info("%s done in %.1f s; calibration-validation PSNR: FP %.3f dB, quantized %.3f dB", opts.method,
-                seconds, validation_psnr(fp, ctx), validation_psnr(model, ctx))
+                seconds, summary["fp_val_psnr"], summary["val_psnr"])
     logger.info("quantized checkpoint: %s", final)
     return final

@@ -18,7 +18,9 @@ def main() -> None:
     for md in sorted((ROOT / "results").glob("*.md")):
         body = md.read_text().strip().splitlines()
         title = body[0].lstrip("# ").strip() if body and body[0].startswith("#") else md.stem
-        parts.append(f"### {title}\n\n_From `results/{md.name}`._\n\n" + "\n".join(body[1:]).strip())
+        # The file's own headings sit below its "###" title.
+        lines = [f"###{line}" if line.startswith("#") else line for line in body[1:]]
+        parts.append(f"### {title}\n\n_From `results/{md.name}`._\n\n" + "\n".join(lines).strip())
     section = "\n\n".join(parts) if parts else "No results yet."
     head, rest = text.split(START, 1)
     readme.write_text(f"{head}{START}\n{section}\n{END}{rest.split(END, 1)[1]}")

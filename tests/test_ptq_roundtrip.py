@@ -1,13 +1,14 @@
 """train.py -> test.py on a tiny model and tiny calibration images, in seconds."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import NET, train_options, write_yaml
+from conftest import NET, load_script, train_options, write_yaml
 
 from condiquant.cli import main_test, main_train
 from condiquant.quant.attach import named_quantizers
@@ -70,14 +71,43 @@ def test_grid_runner_writes_table_and_resumes_from_cache(project):
     write_yaml(project, "test.yml", {"name": "unused", "scale": 2, "network_g": NET,
                                  "path": {"pretrain_network_g": "fp.pth"},
                                  "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}})
+    # A variant row: another method's options with an override, run at W2A2 only.
+    variant = {"method": "percentile", "overrides": {"bound_init.percentile": 90.0}, "bits": [2]}
     table = write_yaml(project, "table.yml", {"name": "tiny_table", "train_opt": "train.yml", "test_opt": "test.yml",
-                                          "methods": ["minmax", "dobi"], "bits": [4, 2]})
+                                          "methods": ["minmax", "dobi", "p90"], "bits": [4, 2],
+                                          "variants": {"p90": variant}})
     md = run_table(table, [], "test").read_text()
     assert all(f"| {m} | {b} |" in md for m in ("minmax", "dobi") for b in (4, 2))
-    assert "| FP | 32 |" in md and "| Bicubic | 32 |" in md
+    assert "| FP | 32 |" in md and "| Bicubic | 32 |" in md and "| p90 | 2 |" in md and "| p90 | 4 |" not in md
+    assert "- row `p90`: method `percentile`" in md
     cells = sorted(p.name for p in (project / "results" / "tiny_table" / "cells").iterdir())
     assert cells == ["Bicubic.json", "FP.json", "dobi_W2A2.json", "dobi_W4A4.json", "minmax_W2A2.json",
-                     "minmax_W4A4.json"]
+                     "minmax_W4A4.json", "p90_W2A2.json"]
+    resolved = (project / "experiments" / "tiny_table_p90_W2A2" / "tiny_table_p90_W2A2.yml").read_text()
+    assert "percentile: 90.0" in resolved and "method: percentile" in resolved
     # A second run only reads the cache: no experiment is calibrated again (none gets archived).
     run_table(table, [], "test")
     assert not any("archived" in p.name for p in (project / "experiments").iterdir())
+
+
+def test_unknown_table_row_is_a_one_line_error(project):
+    from condiquant.config import ConfigError
+    from condiquant.grid import load_table
+
+    table = write_yaml(project, "table.yml", {"name": "t", "train_opt": "train.yml", "test_opt": "test.yml",
+                                          "methods": ["2dquant", "oqa"]})
+    with pytest.raises(ConfigError, match="methods: 'oqa' is neither a method"):
+        load_table(str(table), [])
+
+
+def test_bench_methods_times_rows_in_one_run(project):
+    bench = load_script("bench_methods")
+    write_yaml(project, "train.yml", train_options("minmax"))
+    table = write_yaml(project, "table.yml", {"name": "tb", "train_opt": "train.yml", "test_opt": "unused.yml",
+                                          "methods": ["minmax", "2dquant"]})
+    bench.main(argparse.Namespace(opt=str(table), methods=["minmax", "2dquant"], bits=4, set=[]), "bench")
+    md = (project / "results" / "bench_methods_tb_W4A4.md").read_text()
+    rows = [line.split(" | ") for line in md.splitlines() if line.startswith(("| minmax", "| 2dquant"))]
+    assert [r[0] for r in rows] == ["| minmax", "| 2dquant"] and rows[0][3] == "1.00"
+    summary = json.loads((project / "experiments" / "bench_tb_2dquant_W4A4" / "summary.json").read_text())
+    assert summary["method"] == "2dquant" and rows[1][2] == f"{summary['seconds']:.0f}"

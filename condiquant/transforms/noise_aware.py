@@ -235,7 +235,7 @@ def _correct_sequential(q_model: nn.Module, fp_model: nn.Module, layers: Mapping
     reports: List[LayerCorrection] = []
 
     def correct(name: str, inputs: Tuple[Tensor, ...]) -> None:
-        if len(fp_inputs[name]) != len(batches):
+        if name not in fp_inputs or len(fp_inputs[name]) != len(batches):
             raise ValueError(f"sequential noise-aware correction: {name} is called more than once per forward")
         fp_module = fp_model.get_submodule(name)
         x = torch.cat(fp_inputs.pop(name))
