@@ -101,7 +101,7 @@ def init_weight_bounds(model: nn.Module, spec: ObserverSpec, one_direction_patte
     patterns = list(one_direction_patterns)
     prefixes = None if modules is None else tuple(f"{m}.weight_quantizers." for m in modules)
     weights = [t for t in weight_quantizer_inputs(model) if prefixes is None or t[0].startswith(prefixes)]
-    for name, q, w in tqdm(weights, desc=f"{spec.kind} weight bounds", leave=False):
+    for name, q, w in tqdm(weights, desc=f"{spec.kind} weight bounds", leave=False, disable=modules is not None):
         obs = spec.build(q, matches(name, patterns))
         obs.observe(w.detach())
         q.set_bounds(*obs.bounds(q.n_bits))
