@@ -15,7 +15,11 @@ def main() -> None:
     if START not in text or END not in text:
         raise SystemExit(f"README.md: markers {START} / {END} not found")
     parts = []
-    for md in sorted((ROOT / "results").glob("*.md")):
+    # Method tables (grids with a cells/ cache) first, then FP scores, then ablations, benchmarks and costs.
+    def order(md: Path) -> tuple:
+        return (not (md.parent / md.stem / "cells").is_dir(), md.stem != "fp_scores", md.name)
+
+    for md in sorted((ROOT / "results").glob("*.md"), key=order):
         body = md.read_text().strip().splitlines()
         title = body[0].lstrip("# ").strip() if body and body[0].startswith("#") else md.stem
         # The file's own headings sit below its "###" title.
