@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,14 +52,28 @@ def resolved_quant(opts: TrainOptions, source: str) -> QuantOptions:
                                                            f"{source} quant.placement"))
 
 
+def calibration_images(opts: TrainOptions, source: str) -> CalibrationImages:
+    c = opts.calib
+    return CalibrationImages(c.roots, opts.scale, c.val_fraction, c.split_seed, f"{source} calib")
+
+
+def validation_context(opts: TrainOptions, source: str, out_dir: Path, logger: logging.Logger) -> PTQContext:
+    """The context of a script that scores choices on the calibration validation split (ablations, sensitivity):
+    FP model, resolved placement, calibration images; no experiment folder (outputs go to ``out_dir``)."""
+    device = configure(opts.device, opts.num_threads, opts.manual_seed)
+    fp = load_fp_model(opts, source, device)
+    quant = resolved_quant(opts, source)
+    return PTQContext(replace(opts, quant=quant), quant, fp, calibration_images(opts, source), out_dir, logger,
+                      device)
+
+
 def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     """Calibrate; returns the path of the final quantized checkpoint."""
     device = configure(opts.device, opts.num_threads, opts.manual_seed)
     fp = load_fp_model(opts, source, device)
     quant = resolved_quant(opts, source)
     resolved = replace(opts, quant=quant)
-    calib = CalibrationImages(opts.calib.roots, opts.scale, opts.calib.val_fraction, opts.calib.split_seed,
-                              f"{source} calib")
+    calib = calibration_images(opts, source)
     exp_dir = Path("experiments") / opts.name
     resume = _resume_path(opts, exp_dir, source)
     archived = fresh_dir(exp_dir) if resume is None else None

@@ -35,12 +35,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.data.calib import CalibrationImages  # noqa: E402
-from condiquant.methods.context import PTQContext  # noqa: E402
 from condiquant.methods.dqc import validation_psnr  # noqa: E402
 from condiquant.options import ConditioningOptions, TrainOptions  # noqa: E402
-from condiquant.ptq import load_fp_model, resolved_quant  # noqa: E402
-from condiquant.runtime import configure  # noqa: E402
+from condiquant.ptq import validation_context  # noqa: E402
 from condiquant.transforms.conditioning import condition_layers, conditioning_layers, gather_inputs  # noqa: E402
 
 
@@ -79,15 +76,11 @@ def main() -> None:
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
     name = args.name or opts.name
-    device = configure(opts.device, opts.num_threads, opts.manual_seed)
-    fp = load_fp_model(opts, args.opt, device)
-    quant = resolved_quant(opts, args.opt)
-    opts = replace(opts, quant=quant)
-    calib = CalibrationImages(opts.calib.roots, opts.scale, opts.calib.val_fraction, opts.calib.split_seed, "calib")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
     logger = logging.getLogger("ablate_conditioning")
     out_dir = Path("results")
-    ctx = PTQContext(opts, quant, fp, calib, out_dir, logger, device)
+    ctx = validation_context(opts, args.opt, out_dir, logger)
+    opts, fp, quant, calib, device = ctx.opts, ctx.fp_model, ctx.quant, ctx.calib, ctx.device
 
     base = replace(opts.conditioning, targets=["Linear", "Conv2d"])
     sets = layer_sets(fp, conditioning_layers(fp, quant, base), args.layer_sets)

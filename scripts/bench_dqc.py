@@ -23,9 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.data.calib import CalibrationImages  # noqa: E402
 from condiquant.options import TrainOptions  # noqa: E402
-from condiquant.ptq import load_fp_model, resolved_quant  # noqa: E402
+from condiquant.ptq import calibration_images, load_fp_model, resolved_quant  # noqa: E402
 from condiquant.quant.attach import attach_quantizers, bound_parameters  # noqa: E402
 from condiquant.quant.calibrate import ObserverSpec, init_bounds  # noqa: E402
 from condiquant.runtime import configure  # noqa: E402
@@ -52,7 +51,7 @@ def main() -> None:
     qmodel = copy.deepcopy(fp)
     attach_quantizers(qmodel, quant)
     r = float(getattr(fp, "input_range", 1.0))
-    calib = CalibrationImages(opts.calib.roots, opts.scale, opts.calib.val_fraction, opts.calib.split_seed, "calib")
+    calib = calibration_images(opts, args.opt)
     rng = np.random.default_rng(0)
     d = opts.dqc
     x = calib.random_crops(d.batch_size, d.patch_size, rng).to(device) * r

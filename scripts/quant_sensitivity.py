@@ -20,13 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.data.calib import CalibrationImages  # noqa: E402
-from condiquant.methods.context import PTQContext  # noqa: E402
 from condiquant.methods.dqc import validation_psnr  # noqa: E402
 from condiquant.options import TrainOptions  # noqa: E402
-from condiquant.ptq import load_fp_model, resolved_quant  # noqa: E402
+from condiquant.ptq import validation_context  # noqa: E402
 from condiquant.quant.attach import named_quantizers, quant_modules  # noqa: E402
-from condiquant.runtime import configure, setup_logger  # noqa: E402
+from condiquant.runtime import setup_logger  # noqa: E402
 
 
 def module_kind(name: str) -> str:
@@ -43,14 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/quant_sensitivity.py", *sys.argv[1:]])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
-    device = configure(opts.device, opts.num_threads, opts.manual_seed)
     out = Path("results") / f"sensitivity_{opts.name}.md"
     out.parent.mkdir(exist_ok=True)
     logger = setup_logger(out.with_suffix(".log"))
-    fp = load_fp_model(opts, args.opt, device)
-    quant = resolved_quant(opts, args.opt)
-    calib = CalibrationImages(opts.calib.roots, opts.scale, opts.calib.val_fraction, opts.calib.split_seed, "calib")
-    ctx = PTQContext(opts, quant, fp, calib, out.parent, logger, device)
+    ctx = validation_context(opts, args.opt, out.parent, logger)
+    fp, quant, calib = ctx.fp_model, ctx.quant, ctx.calib
     model = ctx.quantized_copy()
     ctx.init_bounds(model, args.observer)
     quantizers = dict(named_quantizers(model))

@@ -200,26 +200,36 @@ def input_columns(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
         yield cols.transpose(0, 1).reshape(d, -1).double()
 
 
+InputHook = Callable[[nn.Module, Tensor], None]
+
+
 @torch.no_grad()
-def collect_grams(model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable[Tensor],
-                  input_range: float) -> Dict[str, Gram]:
-    """X^T X (float64) of every module's input over ``batches`` (LR crops in 0..1), by forward hooks."""
-    grams: Dict[str, Gram] = {}
-
-    def hook(name: str, module: nn.Module, inputs: Tuple[Tensor, ...], _out: Tensor) -> None:
-        for cols in input_columns(module, layer_input(module, inputs[0])):
-            if name not in grams:
-                grams[name] = Gram(cols.new_zeros(cols.shape[0], cols.shape[0]), 0)
-            grams[name].xtx.addmm_(cols, cols.T)
-            grams[name].rows += cols.shape[1]
-
-    handles = [m.register_forward_hook(partial(hook, name)) for name, m in modules.items()]
+def forward_with_input_hooks(model: nn.Module, hooks: Iterable[Tuple[nn.Module, InputHook]],
+                             batches: Iterable[Tensor], input_range: float) -> None:
+    """Run ``model`` on every batch (LR crops in 0..1) with ``hook(module, input)`` called before each hooked
+    module's forward (so a hook may still change the module), then remove the hooks."""
+    handles = [m.register_forward_pre_hook(lambda mod, inputs, fn=fn: fn(mod, inputs[0])) for m, fn in hooks]
     try:
         for batch in batches:
             model(batch * input_range)
     finally:
         for h in handles:
             h.remove()
+
+
+def collect_grams(model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable[Tensor],
+                  input_range: float) -> Dict[str, Gram]:
+    """X^T X (float64) of every module's input over ``batches`` (LR crops in 0..1), by forward hooks."""
+    grams: Dict[str, Gram] = {}
+
+    def hook(name: str, module: nn.Module, x: Tensor) -> None:
+        for cols in input_columns(module, layer_input(module, x)):
+            if name not in grams:
+                grams[name] = Gram(cols.new_zeros(cols.shape[0], cols.shape[0]), 0)
+            grams[name].xtx.addmm_(cols, cols.T)
+            grams[name].rows += cols.shape[1]
+
+    forward_with_input_hooks(model, [(m, partial(hook, name)) for name, m in modules.items()], batches, input_range)
     unused = [name for name in modules if name not in grams]
     if unused:
         raise ValueError(f"modules never called in the forward pass: {', '.join(unused)}")

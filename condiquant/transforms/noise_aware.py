@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -42,7 +43,8 @@ from torch import Tensor
 
 from condiquant.options import ConditioningOptions, NoiseAwareOptions
 from condiquant.quant.modules import QuantModule
-from condiquant.transforms.conditioning import jsonable, input_columns, kappa, layer_input
+from condiquant.transforms.conditioning import (forward_with_input_hooks, input_columns, jsonable, kappa,
+                                                layer_input)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure float64 solver
@@ -105,26 +107,19 @@ def _key(name: str, chunk: int, splits: int) -> str:
     return name if splits == 1 else f"{name}[{chunk}]"
 
 
-@torch.no_grad()
 def collect_cross_grams(fp_model: nn.Module, q_model: nn.Module, layers: Mapping[str, int],
                         batches: Iterable[Tensor], input_range: float) -> Dict[str, CrossGram]:
     """Parallel mode: per layer (and output chunk) the Grams of the FP input and of the same input passed through
     the quantized layer's activation quantizer(s), by forward hooks on the FP network."""
     stats: Dict[str, CrossGram] = {}
 
-    def hook(name: str, module: nn.Module, inputs: Tuple[Tensor, ...], _out: Tensor) -> None:
-        x = layer_input(module, inputs[0])
+    def hook(name: str, module: nn.Module, x: Tensor) -> None:
+        x = layer_input(module, x)
         for i, q in enumerate(q_model.get_submodule(name).input_quantizers):
             _accumulate(stats, _key(name, i, layers[name]), module, x, q(x))
 
-    handles = [fp_model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(n, m, i, o))
-               for n in layers]
-    try:
-        for batch in batches:
-            fp_model(batch * input_range)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_input_hooks(fp_model, [(fp_model.get_submodule(n), partial(hook, n)) for n in layers], batches,
+                             input_range)
     return stats
 
 
@@ -221,25 +216,19 @@ def _correct_sequential(q_model: nn.Module, fp_model: nn.Module, layers: Mapping
     n_total = n_calib + sum(b.shape[0] for b in holdout_batches)
     fp_inputs: Dict[str, List[Tensor]] = {n: [] for n in layers}
 
-    def store(name: str, module: nn.Module, inputs: Tuple[Tensor, ...], _out: Tensor) -> None:
-        fp_inputs[name].append(layer_input(module, inputs[0]))
+    def store(name: str, module: nn.Module, x: Tensor) -> None:
+        fp_inputs[name].append(layer_input(module, x))
 
-    handles = [fp_model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: store(n, m, i, o))
-               for n in layers]
-    try:
-        for batch in batches:
-            fp_model(batch * input_range)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_input_hooks(fp_model, [(fp_model.get_submodule(n), partial(store, n)) for n in layers], batches,
+                             input_range)
     reports: List[LayerCorrection] = []
 
-    def correct(name: str, inputs: Tuple[Tensor, ...]) -> None:
+    def correct(name: str, _module: nn.Module, x_in: Tensor) -> None:
         if name not in fp_inputs or len(fp_inputs[name]) != len(batches):
             raise ValueError(f"sequential noise-aware correction: {name} is called more than once per forward")
         fp_module = fp_model.get_submodule(name)
         x = torch.cat(fp_inputs.pop(name))
-        xin = layer_input(fp_module, inputs[0])
+        xin = layer_input(fp_module, x_in)
         if x.shape != xin.shape or x.shape[0] % n_total:
             raise ValueError(f"sequential noise-aware correction: input of {name} is not sample-major "
                              f"({tuple(x.shape)} FP, {tuple(xin.shape)} quantized, {n_total} samples)")
@@ -255,15 +244,11 @@ def _correct_sequential(q_model: nn.Module, fp_model: nn.Module, layers: Mapping
         reports.extend(_correct(q_module, name, layers[name], calib, holdout, opts))
         refit(name)
 
-    handles = [q_model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: correct(n, i)) for n in layers]
-    try:
-        q_model(torch.cat(batches) * input_range)
-    finally:
-        for h in handles:
-            h.remove()
-    missed = [n for n in fp_inputs if n not in {r.name.split("[")[0] for r in reports}]
-    if missed:
-        raise ValueError(f"modules never called in the quantized forward: {', '.join(missed)}")
+    # One batch: every layer must see all crops before the layers after it are corrected.
+    forward_with_input_hooks(q_model, [(q_model.get_submodule(n), partial(correct, n)) for n in layers],
+                             [torch.cat(batches)], input_range)
+    if fp_inputs:  # a corrected layer's inputs are popped
+        raise ValueError(f"modules never called in the quantized forward: {', '.join(fp_inputs)}")
     return reports
 
 
