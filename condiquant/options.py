@@ -106,7 +106,10 @@ class DualRegionOptions:
 
     # paper: 2^(b-1)-1 dense + 2 x (2^(b-2)-1) tail levels; code: released OAQ-SR, 2^b dense + 2 x 2^(b-1) tail
     levels: Literal["paper", "code"] = "paper"
-    bp_percentile: float = 99.0  # initial breakpoint: this percentile of |x| on the calibration activations
+    bp_percentile: float = 99.0  # initial breakpoint: this percentile of the calibration activations
+    # pooled: exact min/max and the |x| percentile over all calibration batches; code: the released code's EMA
+    # (0.9) of per-batch min/max and the signed percentile of the last batch (quant/dual_region.py)
+    init: Literal["pooled", "code"] = "pooled"
 
     def validate(self, where: str) -> None:
         if not 0.0 < self.bp_percentile < 100.0:
@@ -142,7 +145,7 @@ class CalibOptions:
     num_patches: int = 32  # bound-initialisation batch (2DQuant: 32 LR crops of 64x64)
     patch_size: int = 64
     chunk_size: int = 8  # patches per forward during bound initialisation (memory)
-    seed: int = 0
+    seed: Optional[int] = None  # crops of calibration and conditioning; None: manual_seed
     val_patch_size: int = 96  # LR centre crop of each validation image
 
 
@@ -155,27 +158,50 @@ class BoundInitOptions:
 
 
 @dataclass
-class DQCOptions:
+class LoopOptions:
+    """The shared bound-training loop (``condiquant/engine/loop.py``): DQC and SAFT set these."""
+
+    total_iter: int = 300  # updates (one batch each)
+    batch_size: int = 4
+    patch_size: int = 48
+    lr: float = 1e-2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # absolute: one Adam lr for every bound (the papers); range: each element's step is scaled by its quantizer's
+    # initial range (u - l), i.e. Adam on bounds in units of their range (lr then is a fraction of the range)
+    lr_scale: Literal["absolute", "range"] = "absolute"
+    warmup_iter: int = 0  # linear lr warm-up
+    ema_decay: float = 0.0  # > 0: validate, checkpoint and keep the exponential moving average of the parameters
+    augment: bool = True
+    print_freq: int = 20
+    val_freq: int = 100  # PSNR on the calibration validation split
+    save_checkpoint_freq: int = 100
+    select: Literal["last", "best_val"] = "last"  # best_val: the checkpoint with the best validation PSNR
+
+    def validate(self, where: str) -> None:
+        if self.total_iter < 1 or self.batch_size < 1 or self.patch_size < 1:
+            raise ConfigError(f"{where}: total_iter, batch_size and patch_size must be >= 1")
+        if min(self.print_freq, self.val_freq, self.save_checkpoint_freq) < 1:
+            raise ConfigError(f"{where}: print_freq, val_freq and save_checkpoint_freq must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{where}.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.select == "best_val" and self.val_freq % self.save_checkpoint_freq:
+            raise ConfigError(f"{where}.select: best_val needs val_freq to be a multiple of save_checkpoint_freq")
+
+
+@dataclass
+class DQCOptions(LoopOptions):
     """Distillation of the quantizer bounds against the FP teacher (2DQuant's DQC). Only bounds train.
 
     Defaults are a CPU schedule; the paper uses batch 32, 3000 iterations, 64x64 LR, cosine decay
     (released code: batch 16, 4000 iterations, betas (0.9, 0.99), constant lr).
     """
 
-    total_iter: int = 300
-    batch_size: int = 4
-    patch_size: int = 48
-    lr: float = 1e-2
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     scheduler: Literal["cosine", "constant"] = "cosine"
     feature_weight: float = 5.0  # lambda
-    # l2: paper Eq. 5, sum_i ||F/|F| - Fq/|Fq|||_2 / (C H W); mse: released code, MSE of normalised features
-    feature_loss: Literal["l2", "mse"] = "l2"
-    augment: bool = True
-    print_freq: int = 20
-    val_freq: int = 100  # PSNR on the calibration validation split
-    save_checkpoint_freq: int = 100
-    select: Literal["last", "best_val"] = "last"  # best_val: the checkpoint with the best validation PSNR
+    # paper: L_O = mean |O - Oq|, L_F = sum_i mean_b ||F/|F| - Fq/|Fq|||_2 / (C H W) (Eq. 4-6);
+    # code: the released code's scaling, L1(mean) * B / numel(O) and MSE(mean) / numel(F) of the normalised
+    # features. Norms are detached in both, as in the released code.
+    loss: Literal["paper", "code"] = "paper"
 
 
 @dataclass
@@ -221,8 +247,9 @@ class ConditioningOptions:
     regularizer: Literal["shrink", "kappa_bound"] = "shrink"
     # Unitless: the data term is divided by its Lipschitz constant L, so the per-step shrink factor is
     # 1 / (1 + lam); with 1e-3 every held-out layer output of EMT/IMDN x4 moved < 5% (conditioning.json).
-    # shrink, lam 1e-3, K 100, all layers: the best cell of results/ablation_conditioning_IMDN_x4_W3A3.md; on EMT
-    # (results/ablation_conditioning_EMT_x4_W3A3.md) lam 1e-2 scored higher before DQC; the EMT table uses 1e-3.
+    # Chosen by scripts/ablate_conditioning.py: the best validation cell among those within ``tolerance`` (the
+    # premise: outputs stay). IMDN and EMT x4 W3A3: shrink, lam 1e-3, K 100 (on EMT, lam 1e-2 scored higher
+    # but moved a held-out layer output by 31%, so it is not a candidate).
     lam: float = 1.0e-3
     kappa_max: float = 30.0
     iters: int = 100
@@ -240,30 +267,28 @@ class ConditioningOptions:
 
 
 @dataclass
-class SAFTOptions:
+class SAFTOptions(LoopOptions):
     """OAQ's sensitivity-aware finetuning of the quantizer parameters against the FP model (no ground truth).
 
-    Epoch e >= 1 trains one group, (e - 1) mod 3: weight bounds, activation bounds, breakpoints; each group has
-    its own Adam and StepLR. Paper: 10 epochs over 100 DIV2K crops of 96x96 LR, update batch 2.
+    The ``total_iter`` updates are cut into ``epochs`` equal epochs; epoch e >= 1 trains one group,
+    (e - 1) mod 3: weight bounds, activation bounds, breakpoints; each group has its own Adam, its lr decayed by
+    ``gamma`` after each epoch it trains. Paper: 10 epochs over 100 DIV2K crops of 96x96 LR, update batch 2,
+    lr 1e-3. The tables give SAFT DQC's update budget (same total_iter, batch and crop size).
     """
 
     epochs: int = 10
-    iters_per_epoch: int = 30  # random calibration crops per epoch (CPU-sized)
-    batch_size: int = 2
-    patch_size: int = 48
     lr: float = 1e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    gamma: float = 0.9  # StepLR decay of a group's lr after each epoch it trains
+    batch_size: int = 2
+    val_freq: int = 30
+    save_checkpoint_freq: int = 30
+    gamma: float = 0.9
     sen_weight: float = 10.0  # w_sktloss of the released code
     rec_weight: float = 5.0  # lambda of the output L1 term
-    augment: bool = True
-    print_freq: int = 10
-    # Validation PSNR (calibration validation split) and a checkpoint after every epoch; best_val keeps the best.
-    select: Literal["last", "best_val"] = "last"
 
     def validate(self, where: str) -> None:
-        if self.epochs < 1 or self.iters_per_epoch < 1:
-            raise ConfigError(f"{where}: epochs and iters_per_epoch must be >= 1")
+        super().validate(where)
+        if self.epochs < 1 or self.total_iter % self.epochs:
+            raise ConfigError(f"{where}.epochs: must be >= 1 and divide total_iter ({self.total_iter})")
 
 
 Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq"]

@@ -17,7 +17,8 @@ from condiquant.config import ConfigError, to_dict
 from condiquant.data.calib import CalibrationImages
 from condiquant.methods import METHODS
 from condiquant.methods.context import PTQContext
-from condiquant.methods.dqc import latest_state, validation_psnr
+from condiquant.engine.loop import latest_state, validation_psnr
+from condiquant.engine.state import check_resume_options, options_record, read_state
 from condiquant.options import QuantOptions, TrainOptions
 from condiquant.quant.checkpoint import save_quantized
 from condiquant.quant.presets import resolve_placement
@@ -52,6 +53,12 @@ def resolved_quant(opts: TrainOptions, source: str) -> QuantOptions:
                                                            f"{source} quant.placement"))
 
 
+def resolve_options(opts: TrainOptions, source: str) -> TrainOptions:
+    """Every default that depends on other options made explicit: the placement, the calibration seed."""
+    calib = opts.calib if opts.calib.seed is not None else replace(opts.calib, seed=opts.manual_seed)
+    return replace(opts, quant=resolved_quant(opts, source), calib=calib)
+
+
 def calibration_images(opts: TrainOptions, source: str) -> CalibrationImages:
     c = opts.calib
     return CalibrationImages(c.roots, opts.scale, c.val_fraction, c.split_seed, f"{source} calib")
@@ -62,20 +69,21 @@ def validation_context(opts: TrainOptions, source: str, out_dir: Path, logger: l
     FP model, resolved placement, calibration images; no experiment folder (outputs go to ``out_dir``)."""
     device = configure(opts.device, opts.num_threads, opts.manual_seed)
     fp = load_fp_model(opts, source, device)
-    quant = resolved_quant(opts, source)
-    return PTQContext(replace(opts, quant=quant), quant, fp, calibration_images(opts, source), out_dir, logger,
-                      device)
+    opts = resolve_options(opts, source)
+    return PTQContext(opts, opts.quant, fp, calibration_images(opts, source), out_dir, logger, device)
 
 
 def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     """Calibrate; returns the path of the final quantized checkpoint."""
     device = configure(opts.device, opts.num_threads, opts.manual_seed)
     fp = load_fp_model(opts, source, device)
-    quant = resolved_quant(opts, source)
-    resolved = replace(opts, quant=quant)
+    resolved = resolve_options(opts, source)
+    quant = resolved.quant
     calib = calibration_images(opts, source)
     exp_dir = Path("experiments") / opts.name
     resume = _resume_path(opts, exp_dir, source)
+    if resume is not None:  # before anything is written: a refused resume leaves the folder as it was
+        check_resume_options(read_state(resume).get("options"), options_record(resolved), resume)
     archived = fresh_dir(exp_dir) if resume is None else None
     logger = setup_logger(exp_dir / f"train_{opts.name}_{timestamp()}.log")
     if archived:
@@ -93,8 +101,9 @@ def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     seconds = time.perf_counter() - tic
     final = exp_dir / "models" / "net_q_latest.pth"
     save_quantized(final, model, opts.network_g, quant)
-    summary = {"method": opts.method, "seconds": seconds, "fp_val_psnr": validation_psnr(fp, ctx),
+    summary = {"method": opts.method, "seconds": seconds, **ctx.summary, "fp_val_psnr": validation_psnr(fp, ctx),
                "val_psnr": validation_psnr(model, ctx)}
+    summary.setdefault("val_psnr_iter0", summary["val_psnr"])  # untrained methods: the bounds are the start
     (exp_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     logger.info("%s done in %.1f s; calibration-validation PSNR: FP %.3f dB, quantized %.3f dB", opts.method,
                 seconds, summary["fp_val_psnr"], summary["val_psnr"])

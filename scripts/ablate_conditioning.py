@@ -35,7 +35,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.methods.dqc import validation_psnr  # noqa: E402
+from condiquant.engine.loop import validation_psnr  # noqa: E402
 from condiquant.options import ConditioningOptions, TrainOptions  # noqa: E402
 from condiquant.ptq import validation_context  # noqa: E402
 from condiquant.transforms.conditioning import condition_layers, conditioning_layers, gather_inputs  # noqa: E402
@@ -125,7 +125,9 @@ def main() -> None:
         logger.info("cell %s: %.3f dB (%.1f s)", {k: v for k, v in cell.items() if k in (
             "regularizer", "lam", "kappa_max", "iters", "layer_set")}, cell["val_psnr"], cell["seconds"])
 
-    conditioned = [cell for cell in cells if cell["regularizer"] != "none"]
+    # CondiQuant's premise is that conditioning keeps every layer's output: a cell that moves some held-out layer
+    # output by more than conditioning.tolerance is not a candidate, whatever its PSNR.
+    conditioned = [cell for cell in cells if cell["regularizer"] != "none" and cell["max_change_holdout"] <= c.tolerance]
     best = max(conditioned, key=lambda cell: cell["val_psnr"]) if conditioned else None
     q = f"W{quant.w_bit}A{quant.a_bit}"
     rows = [f"# Conditioning ablation: {opts.network_g['type']} x{opts.scale} {q} (DOBI, no DQC)", "",
@@ -151,7 +153,8 @@ def main() -> None:
     if best is not None:
         param = "lam" if best["regularizer"] == "shrink" else "kappa_max"
         chosen = {k: best[k] for k in ("regularizer", param, "iters", "layer_set")}
-        rows += ["", f"Chosen defaults (best validation PSNR): {chosen}"]
+        rows += ["", f"Chosen defaults (best validation PSNR among cells whose max held-out change is within "
+                     f"the tolerance {c.tolerance}): {chosen}"]
     text = "\n".join(rows)
     print(text)
     stem = out_dir / f"ablation_conditioning_{name}"

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.methods.dqc import validation_psnr  # noqa: E402
+from condiquant.engine.loop import validation_psnr  # noqa: E402
 from condiquant.options import NoiseAwareOptions, TrainOptions  # noqa: E402
 from condiquant.ptq import validation_context  # noqa: E402
 from condiquant.transforms.conditioning import conditioning_layers  # noqa: E402

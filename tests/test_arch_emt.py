@@ -1,24 +1,19 @@
 """EMT: official checkpoints load strictly and run on an input that is not a multiple of the windows."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from condiquant.archs.emt_arch import EMT
 from condiquant.archs.ops import MatMul
 
-WEIGHTS_DIR = Path("/work/shared/assets/weights")
 # 20x24 is a multiple of neither stripe (32x8, 8x32), so both attention branches pad and crop internally.
 H, W = 20, 24
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
-def test_emt_pretrained_forward(scale: int) -> None:
-    path = WEIGHTS_DIR / f"EMT_LSR_x{scale}.pth"
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
+def test_emt_pretrained_forward(mirror, scale: int) -> None:
+    path = mirror / "weights" / f"EMT_LSR_x{scale}.pth"
     net = EMT(upscale=scale)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["params"], strict=True)
     net.eval()

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import minimize
-from conftest import NET, train_options, write_yaml
+from conftest import NET, assert_quantized, train_options, write_yaml
 
 from condiquant.archs import build_network
 from condiquant.archs.emt_arch import ShiftConv1x1
@@ -249,7 +249,8 @@ def test_condiquant_train_then_test_and_resume(project):
                  "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}}
     assert main_test(["-opt", write_yaml(project, "test.yml", test_opts)]) == 0
     scores = json.loads((project / "results" / "score_condiquant" / "metrics.json").read_text())
-    assert np.isfinite(scores["datasets"]["Bench"]["psnr"])
+    assert 5 < scores["datasets"]["Bench"]["psnr"] < 60
+    assert_quantized(project, ckpt)
     # Resume at iteration 2: conditioning is skipped and the state restores the conditioned weights.
     opts["path"]["resume_state"] = str(exp / "training_states" / "2.state")
     assert main_train(["-opt", write_yaml(project, "resume.yml", opts)]) == 0

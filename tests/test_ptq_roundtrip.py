@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NET, load_script, train_options, write_yaml
+from conftest import NET, assert_quantized, load_script, train_options, write_yaml
 
 from condiquant.cli import main_test, main_train
 from condiquant.quant.attach import named_quantizers
@@ -20,15 +20,13 @@ def test_train_then_test_round_trip(project, method):
     exp = project / "experiments" / f"tiny_{method}"
     ckpt = exp / "models" / "net_q_latest.pth"
     assert ckpt.is_file() and (exp / f"tiny_{method}.yml").is_file()
-    model = build_quantized(ckpt, NET, "test")
-    quantizers = dict(named_quantizers(model))
-    assert quantizers and all(bool(q.initialized) for q in quantizers.values())
+    assert_quantized(project, ckpt)
     test_opts = {"name": f"score_{method}", "scale": 2, "network_g": NET,
                  "path": {"pretrain_network_g": str(ckpt)},
                  "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}}
     assert main_test(["-opt", write_yaml(project, "test.yml", test_opts)]) == 0
     report = json.loads((project / "results" / f"score_{method}" / "metrics.json").read_text())
-    assert np.isfinite(report["datasets"]["Bench"]["psnr"])
+    assert 5 < report["datasets"]["Bench"]["psnr"] < 60
 
 
 def test_dqc_trains_only_bounds_and_resumes(project):
@@ -111,3 +109,31 @@ def test_bench_methods_times_rows_in_one_run(project):
     assert [r[0] for r in rows] == ["| minmax", "| 2dquant"] and rows[0][3] == "1.00"
     summary = json.loads((project / "experiments" / "bench_tb_2dquant_W4A4" / "summary.json").read_text())
     assert summary["method"] == "2dquant" and rows[1][2] == f"{summary['seconds']:.0f}"
+
+
+def test_resume_with_other_options_is_refused_naming_the_keys(project, capsys):
+    assert main_train(["-opt", write_yaml(project, "train.yml", train_options("2dquant"))]) == 0
+    exp = project / "experiments" / "tiny_2dquant"
+    before = sorted(p.name for p in exp.rglob("*"))
+    capsys.readouterr()
+    changed = train_options("2dquant", lr=0.5)
+    changed["quant"]["a_bit"] = 3
+    changed["path"]["resume_state"] = "auto"
+    assert main_train(["-opt", write_yaml(project, "resume.yml", changed)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dqc.lr" in err and "quant.a_bit" in err and "4.state" in err
+    assert sorted(p.name for p in exp.rglob("*")) == before
+
+
+def test_dqc_feature_norms_are_detached():
+    from condiquant.methods.dqc import feature_loss
+
+    s = {"b": torch.randn(2, 3, 4, 4, requires_grad=True)}
+    t = {"b": torch.randn(2, 3, 4, 4)}
+    feature_loss(s, t, "paper").backward()
+    s_flat = s["b"].detach().flatten(1)
+    norm = s_flat.norm(dim=1, keepdim=True)
+    diff = s_flat / norm - t["b"].flatten(1) / t["b"].flatten(1).norm(dim=1, keepdim=True)
+    # d/ds of ||s/c - t_n|| / n with the norm c held constant
+    expected = (diff / diff.norm(dim=1, keepdim=True) / norm / s_flat.shape[1] / 2).view_as(s["b"])
+    torch.testing.assert_close(s["b"].grad, expected)

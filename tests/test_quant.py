@@ -149,3 +149,44 @@ def test_swinir_light_gets_exactly_2dquants_384_quantizers():
     fp = build_network(SWINIR_LIGHT_X4)
     fp.load_state_dict({k: v for k, v in model.state_dict().items() if "quant" not in k}, strict=False)
     torch.testing.assert_close(model(x), fp.eval()(x))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_one_direction_dobi_passes_the_midpoint_and_equals_brute_force(bits):
+    torch.manual_seed(0)
+    x = torch.distributions.Exponential(1.0).sample((2, 20_000))  # post-softmax-like: one long tail per row
+    obs = DOBIObserver(steps=100, one_direction=True, channel_axis=0)
+    obs.observe(x)
+    lo, hi = obs.bounds(bits)
+    mid = (x.min(1).values + x.max(1).values) / 2
+    assert (hi < mid).all()  # Alg. 1's printed step could never get here
+    assert torch.equal(lo, x.min(1).values)
+    for row in range(2):  # the same grid searched by hand: l = min, u_i = max - i (max - min) / K
+        v, mn, mx = x[row], x[row].min(), x[row].max()
+        errs = [(v - fake_quant(v, mn, mx - i * (mx - mn) / 100, bits)).pow(2).sum().item() for i in range(100)]
+        best = min(range(100), key=errs.__getitem__)
+        assert hi[row].item() == pytest.approx((mx - best * (mx - mn) / 100).item(), rel=1e-6)
+
+
+def test_gram_matmul_puts_both_operands_on_one_grid():
+    from condiquant.archs.ops import MatMul
+    from condiquant.quant.modules import QuantMatMul
+
+    q = QuantMatMul(MatMul(gram=True), 3)
+    q.quant_a.set_bounds(torch.tensor(-1.0), torch.tensor(1.0))
+    a = torch.randn(2, 5, 4)
+    qa = fake_quant(a, torch.tensor(-1.0), torch.tensor(1.0), 3)
+    torch.testing.assert_close(q(a, a.transpose(-2, -1)), qa @ qa.transpose(-2, -1))
+    assert q.quant_b is None and len(list(q.quantizers())) == 1
+
+
+def test_emt_q_qt_product_has_a_single_quantizer():
+    model = build_network({"type": "EMT", "upscale": 2, "dim": 20, "n_blocks": 1, "n_layers": 2, "num_heads": 2,
+                           "window_list": [[4, 4], [4, 4]], "shift_list": [[2, 2], [2, 2]]})
+    quant = QuantOptions(w_bit=4, a_bit=4)
+    quant.placement = resolve_placement("EMT", quant.placement, "quant.placement")
+    attach_quantizers(model, quant)
+    names = [n for n, _ in named_quantizers(model)]
+    assert any(".qk_matmuls." in n for n in names)
+    assert not any(".qk_matmuls." in n and n.endswith("quant_b") for n in names)
+    assert any(".av_matmuls." in n and n.endswith("quant_b") for n in names)

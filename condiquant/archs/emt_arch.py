@@ -131,7 +131,7 @@ class StripedWindowAttention(nn.Module):
                            else [(0, 0)] * n_win)
         self.attn = nn.Sequential(nn.Conv2d(dim, 2 * dim, kernel_size=1), nn.BatchNorm2d(2 * dim))
         self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=1))
-        self.qk_matmuls = nn.ModuleList(MatMul() for _ in range(n_win))
+        self.qk_matmuls = nn.ModuleList(MatMul(gram=True) for _ in range(n_win))
         self.av_matmuls = nn.ModuleList(MatMul() for _ in range(n_win))
 
     @staticmethod

@@ -55,4 +55,4 @@ def conditioned_quantized(ctx: PTQContext) -> nn.Module:
 
 
 def run(ctx: PTQContext) -> nn.Module:
-    return distill(conditioned_quantized(ctx), ctx, ctx.resume)
+    return distill(conditioned_quantized(ctx), ctx)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ class PTQContext:
     exp_dir: Path
     logger: logging.Logger
     device: torch.device
-    resume: Optional[Path] = None  # a DQC training state to continue from
+    resume: Optional[Path] = None  # a training state to continue from
+    summary: Dict[str, Any] = field(default_factory=dict)  # what the method reports into summary.json
 
     @property
     def input_range(self) -> float:

@@ -1,32 +1,29 @@
 """OAQ (Wang et al., ICCV 2025; papers.md §3): dual-region activations, then sensitivity-aware finetuning (SAFT).
 
 Bounds: DOBI for the weights (OAQ uses an 'omse' symmetric search; DOBI is the same kind of range search) and
-for uniform MatMul inputs; min/max + percentile-of-|x| breakpoints for the dual-region Linear/Conv2d inputs.
+for uniform MatMul inputs; min/max + percentile breakpoints for the dual-region Linear/Conv2d inputs.
 
 SAFT trains quantizer parameters only, against the FP model, without ground truth or test data:
 L = sum_k s_k * w_sen * ||F_k/|F_k| - Fq_k/|Fq_k|||_2 / (B K) + lambda * L1(FP output, quantized output).
-The paper defines s_k per layer and takes features at residual-block outputs; here k runs over the placement's
-``feature_modules`` (the blocks), and a block's sensitivity is the softmax over blocks of the mean per-sample
-std of the block's FP input. Epoch e >= 1 trains one parameter group, (e - 1) mod 3: weight bounds,
-activation bounds, breakpoints. Model selection uses the calibration validation split, never a test set.
+The paper's sensitivity is per quantized layer: s_l = softmax over layers of the std of layer l's FP input. A
+raw std is not scale-free (EMT's inputs are x255: one layer would take all the weight), so each std is divided
+by the mean std over layers first; the features are block outputs (the placement's ``feature_modules``, as the
+released code's residual blocks), and block k's weight s_k is the sum of its layers' s_l. Epochs cycle through
+the parameter groups (weight bounds, activation bounds, breakpoints) on the shared training loop
+(``condiquant/engine/loop.py``); selection uses the calibration validation split, never a test set.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from condiquant.engine.loop import Phase, capture, train_loop
 from condiquant.methods.condiquant import conditioned_quantized
 from condiquant.methods.context import PTQContext
-from condiquant.methods.dqc import (capture, initial_candidate, load_state, save_checkpoint, select_checkpoint,
-                                    validation_psnr)
-from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
+from condiquant.quant.attach import bound_ranges, named_quantizers, select_modules, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionQuantizer
 from condiquant.quant.patterns import matches
 
@@ -34,28 +31,39 @@ GROUPS = ("weight bounds", "activation bounds", "breakpoints")
 
 
 @torch.no_grad()
-def block_sensitivity(model: nn.Module, patterns: List[str], batches: Iterable[torch.Tensor]) -> Dict[str, float]:
-    """softmax over the matched modules of the mean (over samples) per-sample std over (C, H, W) of their input."""
-    sums: Dict[str, float] = {}
-    counts: Dict[str, int] = {}
+def layer_input_stds(model: nn.Module, names: List[str], batches: Iterable[torch.Tensor]) -> Dict[str, float]:
+    """Mean over samples of the per-sample std over (C, H, W) of each named module's input."""
+    sums: Dict[str, float] = {n: 0.0 for n in names}
+    counts: Dict[str, int] = {n: 0 for n in names}
 
     def hook(name: str):
         def record(_m: nn.Module, inputs: tuple) -> None:
-            std = inputs[0].flatten(1).std(dim=1)
-            sums[name] = sums.get(name, 0.0) + float(std.sum())
-            counts[name] = counts.get(name, 0) + std.numel()
+            std = inputs[0].flatten(1).std(dim=1, correction=0)  # population std: a 1x1x1 input has 0
+            sums[name] += float(std.sum())
+            counts[name] += std.numel()
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n and matches(n, patterns)]
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         for batch in batches:
             model(batch)
     finally:
         for h in handles:
             h.remove()
-    names = list(sums)
-    weights = torch.softmax(torch.tensor([sums[n] / counts[n] for n in names], dtype=torch.float64), dim=0)
-    return dict(zip(names, weights.tolist()))
+    return {n: sums[n] / counts[n] for n in names if counts[n]}
+
+
+def sensitivity_weights(stds: Dict[str, float], blocks: List[str]) -> Dict[str, float]:
+    """Block weights from per-layer input stds: softmax over layers of std / mean std (scale-free), summed per
+    block (a layer belongs to the block its name starts with), renormalised over the blocks."""
+    names = list(stds)
+    rel = torch.tensor([stds[n] for n in names], dtype=torch.float64)
+    s_layer = torch.softmax(rel / rel.mean().clamp_min(1e-30), dim=0).tolist()
+    per_block = {b: sum(s for n, s in zip(names, s_layer) if n.startswith(b + ".")) for b in blocks}
+    total = sum(per_block.values())
+    if total <= 0:
+        raise ValueError("SAFT: no quantized layer lies inside the feature modules")
+    return {b: v / total for b, v in per_block.items()}
 
 
 def sensitivity_loss(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor],
@@ -83,70 +91,46 @@ def parameter_groups(model: nn.Module) -> List[List[nn.Parameter]]:
     return groups
 
 
-def saft(model: nn.Module, ctx: PTQContext, resume: Optional[Path] = None) -> nn.Module:
+def _epoch_lr(gamma: float, iters_per_epoch: int, n_groups: int):
+    """Group g's lr factor at iteration it: gamma ** (epochs g has already trained)."""
+    def factor(g: int, it: int) -> float:
+        done = (it - 1) // iters_per_epoch  # completed epochs before this one
+        return gamma ** sum(1 for e in range(done) if e % n_groups == g)
+    return factor
+
+
+def saft(model: nn.Module, ctx: PTQContext) -> nn.Module:
     """Finetune the quantizer parameters of ``model`` (initialised) against ``ctx.fp_model``; returns it."""
     opt = ctx.opts.saft
     teacher, r = ctx.fp_model, ctx.input_range
     patterns = ctx.quant.placement.feature_modules
-    sensitivity = block_sensitivity(teacher, patterns, [b * r for b in ctx.calibration_batches()])
+    layers = [s.name for s in select_modules(teacher, ctx.quant) if s.kind in ("Linear", "Conv2d")]
+    blocks = [n for n, _ in teacher.named_modules() if n and matches(n, patterns)]
+    stds = layer_input_stds(teacher, layers, [b * r for b in ctx.calibration_batches()])
+    sensitivity = sensitivity_weights(stds, blocks)
     ctx.logger.info("SAFT sensitivity: %s", ", ".join(f"{n} {s:.4f}" for n, s in sensitivity.items()))
     groups = parameter_groups(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    optimizers = [torch.optim.Adam(g, lr=opt.lr, betas=tuple(opt.betas), eps=1e-8) for g in groups]
-    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=opt.gamma) for o in optimizers]
-    stateful = {**{f"optimizer{i}": o for i, o in enumerate(optimizers)},
-                **{f"scheduler{i}": s for i, s in enumerate(schedulers)}}
-    rng = np.random.default_rng(ctx.opts.manual_seed + 1)
-    total = opt.epochs * opt.iters_per_epoch
-    if resume is None:
-        start, best = 0, initial_candidate(model, ctx)
-    else:
-        start, best = load_state(resume, model, stateful, rng, ctx)
-    tic = time.perf_counter()
-    model.train(False)
+    ipe = opt.total_iter // opt.epochs
+    phase = Phase(groups, bound_ranges(model), active=lambda it: ((it - 1) // ipe) % len(groups),
+                  lr_factor=_epoch_lr(opt.gamma, ipe, len(groups)), labels=GROUPS)
     with capture(teacher, patterns) as t_feats, capture(model, patterns) as s_feats:
-        for it in tqdm(range(start + 1, total + 1), initial=start, total=total, desc="SAFT"):
-            epoch = (it - 1) // opt.iters_per_epoch + 1
-            g = (epoch - 1) % len(groups)
-            for i, group in enumerate(groups):  # gradients only for the group this epoch trains
-                for p in group:
-                    p.requires_grad_(i == g)
-            lq = ctx.calib.random_crops(opt.batch_size, opt.patch_size, rng, opt.augment).to(ctx.device) * r
+        def loss_fn(lq: torch.Tensor):
             with torch.no_grad():
                 target = teacher(lq) / r
-            out = model(lq) / r
-            l_rec = F.l1_loss(out, target)
+            l_rec = F.l1_loss(model(lq) / r, target)
             l_sen = sensitivity_loss(s_feats, t_feats, sensitivity, opt.sen_weight)
-            loss = l_sen + opt.rec_weight * l_rec
-            optimizers[g].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[g].step()
-            if it % opt.print_freq == 0:
-                ctx.logger.info("[%s][epoch %d %s, iter %d/%d, lr %.2e] l_rec %.5f l_sen %.6f (%.2f s/iter)",
-                                ctx.opts.name, epoch, GROUPS[g], it, total, schedulers[g].get_last_lr()[0],
-                                l_rec.item(), l_sen.item(), (time.perf_counter() - tic) / (it - start))
-            if it % opt.iters_per_epoch == 0:
-                schedulers[g].step()
-                psnr = validation_psnr(model, ctx)
-                ctx.logger.info("epoch %d: calibration-validation PSNR %.3f dB", epoch, psnr)
-                if psnr > best[0]:
-                    best = (psnr, it)
-                save_checkpoint(model, ctx, it, stateful, rng, best)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if opt.select == "best_val":
-        select_checkpoint(model, ctx, best, total, "every epoch is checkpointed")
-    return model
+            return l_sen + opt.rec_weight * l_rec, {"l_rec": l_rec.item(), "l_sen": l_sen.item()}
+
+        return train_loop(model, ctx, opt, phase, loss_fn, "SAFT")
 
 
 def run(ctx: PTQContext) -> nn.Module:
     model = ctx.quantized_copy()
     if ctx.resume is None:
         ctx.init_bounds(model, "dobi")
-    return saft(model, ctx, ctx.resume)
+    return saft(model, ctx)
 
 
 def run_conditioned(ctx: PTQContext) -> nn.Module:
     """CondiQuant's weight conditioning passes first (``conditioning:``), then OAQ."""
-    return saft(conditioned_quantized(ctx), ctx, ctx.resume)
+    return saft(conditioned_quantized(ctx), ctx)

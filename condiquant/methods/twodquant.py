@@ -11,4 +11,4 @@ def run(ctx: PTQContext) -> nn.Module:
     model = ctx.quantized_copy()
     if ctx.resume is None:
         ctx.init_bounds(model, "dobi")
-    return distill(model, ctx, ctx.resume)
+    return distill(model, ctx)

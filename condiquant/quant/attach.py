@@ -1,8 +1,9 @@
 """Attach quantizers to a float model by config (module type + name patterns), never by editing arch code."""
 from __future__ import annotations
 
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from condiquant.archs.ops import MatMul
@@ -53,7 +54,7 @@ def act_quantizer_factory(quant: QuantOptions) -> ActQuantizerFactory:
     """The input quantizer of Linear/Conv2d layers that ``quant.a_quantizer`` asks for."""
     if quant.a_quantizer == "dual_region":
         d = quant.dual_region
-        return lambda bits: DualRegionQuantizer(bits, d.levels, d.bp_percentile)
+        return lambda bits: DualRegionQuantizer(bits, d.levels, d.bp_percentile, d.init)
     return UniformQuantizer
 
 
@@ -103,6 +104,17 @@ def quant_modules(model: nn.Module) -> Iterator[Tuple[str, QuantModule]]:
 def bound_parameters(model: nn.Module) -> List[nn.Parameter]:
     """All learnable quantizer parameters (what DQC trains): bounds, and dual-region breakpoints."""
     return [p for _, q in named_quantizers(model) for p in q.parameters()]
+
+
+def bound_ranges(model: nn.Module) -> Dict[int, torch.Tensor]:
+    """id(parameter) -> the current range (u - l) of its quantizer, per channel where the bounds are: the unit of
+    range-relative bound steps (``lr_scale: range``)."""
+    ranges: Dict[int, torch.Tensor] = {}
+    for _, q in named_quantizers(model):
+        r = (q.upper - q.lower).detach().abs()
+        for p in q.parameters():
+            ranges[id(p)] = r if p.shape == r.shape else r.max().reshape(p.shape)
+    return ranges
 
 
 def set_quant_enabled(model: nn.Module, enabled: bool) -> None:

@@ -33,7 +33,7 @@ class ObserverSpec:
     def build(self, q: UniformQuantizer, one_direction: bool) -> Observer:
         """The observer of ``kind``; dual-region quantizers always get OAQ's min/max + |x|-percentile one."""
         if isinstance(q, DualRegionQuantizer):
-            return DualRegionObserver(q.bp_percentile, max_samples=self.max_samples, seed=self.seed)
+            return DualRegionObserver(q.bp_percentile, q.init, max_samples=self.max_samples, seed=self.seed)
         axis = q.channel_axis
         if self.kind == "minmax":
             return MinMaxObserver(axis)

@@ -30,6 +30,7 @@ from condiquant.quant.observers import _SamplingObserver
 from condiquant.quant.quantizer import UniformQuantizer, round_ste
 
 Levels = Literal["paper", "code"]
+Init = Literal["pooled", "code"]
 _EPS = 1e-8  # smallest region width / breakpoint: a collapsed region must not divide by zero
 
 
@@ -81,10 +82,11 @@ class DualRegionQuantizer(UniformQuantizer):
     ``bp_percentile`` is only read by :class:`DualRegionObserver`.
     """
 
-    def __init__(self, n_bits: int, levels: Levels = "paper", bp_percentile: float = 99.0):
+    def __init__(self, n_bits: int, levels: Levels = "paper", bp_percentile: float = 99.0, init: Init = "pooled"):
         super().__init__(n_bits)
         self.levels = levels
         self.bp_percentile = bp_percentile
+        self.init = init
         self.breakpoint = nn.Parameter(torch.full((1,), 0.5))
 
     def extra_repr(self) -> str:
@@ -108,23 +110,43 @@ class DualRegionQuantizer(UniformQuantizer):
 
 
 class DualRegionObserver(_SamplingObserver):
-    """l_a = min, u_a = max, bp = the ``percentile``-th percentile of |x| (OAQ's minmax + percentile init).
+    """Initial l_a, u_a and breakpoint from the calibration activations (OAQ's minmax + percentile init).
 
-    Unlike OAQ's per-batch EMA of l_a/u_a (and its last-batch bp), min/max are exact over all calibration batches
-    and the percentile is taken over the pooled value sample, as the other observers do.
+    ``pooled`` (default): exact min/max over all calibration batches, bp = the ``percentile``-th percentile of |x|
+    over the pooled value sample, as the other observers pool their data. ``code`` (the released OAQ-SR code):
+    l_a, u_a are an EMA (beta 0.9) of the per-batch min/max, and bp is the signed ``percentile``-th quantile of the
+    last batch (its bp EMA is a no-op). Either way a bp that is <= 0 or reaches max |x| falls back to
+    max |x| / 2. (Gradients also differ slightly from the released code: here clipping passes the bound
+    gradients of 2DQuant's Eq. 2 and the bp clamp at 1e-8 stops its gradient; see papers.md §3.3.)
     """
 
-    def __init__(self, percentile: float = 99.0, **kwargs):
+    def __init__(self, percentile: float = 99.0, init: Init = "pooled", **kwargs):
         super().__init__(channel_axis=None, **kwargs)
         if not 0.0 < percentile < 100.0:
             raise ValueError(f"bp percentile must be in (0, 100), got {percentile}")
         self.q = percentile / 100.0
+        self.init = init
+        self.ema: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_bp: torch.Tensor | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        super().observe(x)
+        if self.init == "code":
+            flat = x.detach().float().flatten().cpu()
+            lo, hi = flat.min().reshape(1), flat.max().reshape(1)
+            self.ema = (lo, hi) if self.ema is None else (0.9 * self.ema[0] + 0.1 * lo, 0.9 * self.ema[1] + 0.1 * hi)
+            self.last_bp = _kth(flat, self.q)
+
+    def bounds(self, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ema if self.init == "code" else super().bounds(n_bits)
 
     def breakpoint(self) -> torch.Tensor:
-        """The percentile of |x|; when it is 0 or reaches max |x| (tails would be empty: tiny, sparse or
-        discrete inputs) fall back to max |x| / 2, which gives the dense region and the tails equal width."""
-        mags = self.samples().abs().flatten()
-        k = max(1, min(mags.numel(), int(round(self.q * (mags.numel() - 1))) + 1))
-        bp = mags.kthvalue(k).values
+        bp = self.last_bp.reshape(()) if self.init == "code" else _kth(self.samples().abs().flatten(), self.q)
         top = torch.maximum(self.lo.abs(), self.hi.abs()).reshape(())
         return torch.where((bp <= 0) | (bp >= top), top / 2, bp)
+
+
+def _kth(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of a flat tensor by rank (kthvalue: exact, no size cap, unlike torch.quantile)."""
+    k = max(1, min(values.numel(), int(round(q * (values.numel() - 1))) + 1))
+    return values.kthvalue(k).values

@@ -101,12 +101,17 @@ class QuantConv2d(QuantModule):
 
 
 class QuantMatMul(QuantModule):
-    """``a @ b`` with a static per-tensor quantizer on each input (e.g. q and k^T, or softmax(qk) and v)."""
+    """``a @ b`` with a static per-tensor quantizer on each input (e.g. q and k^T, or softmax(qk) and v); a
+    ``gram`` product ``a @ a^T`` has one quantizer, so both operands are the same integer tensor."""
 
     def __init__(self, src: MatMul, a_bits: int):
         super().__init__()
+        self.gram = src.gram
         self.quant_a = UniformQuantizer(a_bits)
-        self.quant_b = UniformQuantizer(a_bits)
+        self.quant_b = None if self.gram else UniformQuantizer(a_bits)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.gram:
+            qa = self.quant_a(a)
+            return qa @ qa.transpose(-2, -1)
         return self.quant_a(a) @ self.quant_b(b)

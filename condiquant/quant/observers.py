@@ -87,15 +87,17 @@ def dobi_search(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_bits: 
     """DOBI: linear search over ``steps`` candidate ranges minimising ||v - Q(v)||_2 per row.
 
     Symmetric search (bell-shaped data): l_i = min + i*d, u_i = max - i*d with d = (max - min) / (2K).
-    One-direction search (post-softmax / post-GELU data): l stays at min, u_i = max - i*d with the same d
-    (paper Alg. 1; the released code's unused one-direction branch steps by 2d).
+    One-direction search (post-softmax / post-GELU data): l stays at min, u_i = max - i*(max - min)/K, so u
+    scans the whole range down to min (the released code's one-direction step). Alg. 1's printed step d would
+    stop u at the midpoint, where exponential-like data is still far from its best upper bound.
     """
     d = (hi - lo) / (2 * steps)
+    d_u = 2 * d if one_direction else d
     best_err = torch.full_like(lo, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
     for i in range(steps):
         cand_lo = lo if one_direction else lo + i * d
-        cand_hi = hi - i * d
+        cand_hi = hi - i * d_u
         err = (rows - fake_quant(rows, cand_lo[:, None], cand_hi[:, None], n_bits)).pow(2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

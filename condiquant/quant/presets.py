@@ -24,7 +24,7 @@ PRESETS: Dict[str, PlacementOptions] = {
         high_precision=[],
         split_qkv=["**.attn.qkv"],
         one_direction=["**.attn.av_matmul.quant_a", "**.mlp.fc2.input_quantizers.*"],
-        feature_modules=["layers.*"],
+        feature_modules=["layers.*.residual_group"],  # 2DQuant hooks its BasicLayer (= residual_group)
     ),
     # EMT: every 1x1 conv and attention product inside the six mixed-transformer blocks (attention q/v
     # projection, output projection, shifted-MLP fc1/fc2); head, tail and the fixed mean shifts stay FP.
