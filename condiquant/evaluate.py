@@ -53,7 +53,7 @@ def score_dataset(model: nn.Module, data: PairedImageFolder, scale: int, val: Va
     images = []
     start = time.perf_counter()
     for pair in tqdm(data, total=len(data), desc=f"{data.name} x{scale}", leave=False):
-        lq = torch.from_numpy(pair.lq).permute(2, 0, 1)[None].float().div(255.0).to(device)
+        lq = torch.from_numpy(pair.lq).permute(2, 0, 1)[None].contiguous().float().div(255.0).to(device)
         sr = to_uint8(super_resolve(model, lq, scale, val.window_pad, val.tile, val.tile_overlap))
         if sr.shape != pair.gt.shape:
             raise RuntimeError(f"{data.name}/{pair.name}: SR output {sr.shape} != HR {pair.gt.shape}")

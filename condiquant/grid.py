@@ -1,43 +1,87 @@
-"""Reproduce a results table: every (method, bits) cell is calibrated with train.py's pipeline and scored with
-test.py's; finished cells are cached in ``results/<table>/cells/`` so an interrupted CPU run resumes."""
+"""Reproduce a results table: every (row, bits) cell is calibrated with train.py's pipeline and scored with
+test.py's, over several seeds; finished runs are cached in ``results/<table>/cells/<cell>/`` so an interrupted CPU
+run resumes, and a cache entry can never go stale:
+
+- each run's file carries a ``key``: the hash of its fully resolved train and test options, its seed and its
+  thread count; a file (or an experiment checkpoint) whose key differs from the one asked for is recomputed;
+- each file also carries the ``code`` fingerprint of the package that made it (a hash of ``condiquant/``) and the
+  git ``commit``; a file made by other code is reused only if ``--check`` re-ran at least two of that code's runs
+  on today's code and they agreed within the reported seed std (a *bridge*, ``results/<table>/bridges.json``);
+  otherwise it is recomputed.
+
+Protocol (issue "Trustworthy tables"): a trained row runs ``seeds`` (more, ``extra_seeds``, when its validation
+std exceeds ``std_threshold``); each seed is scored on the calibration validation split and on ``seed_datasets``
+(Set5); the other datasets are scored once, on the checkpoint of the seed with the median validation PSNR.
+Untrained rows run the first seed only.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import random
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+import torch
 import yaml
 
-from condiquant.config import apply_overrides, from_dict, load_yaml
+from condiquant.config import apply_overrides, from_dict, load_yaml, to_dict
+from condiquant.engine.state import atomic_write_text
 from condiquant.evaluate import run_test
 from condiquant.options import TableOptions, TestOptions, TrainOptions, VariantOptions
 from condiquant.ptq import run_train
 from condiquant.runtime import LOG_FORMAT
 
 log = logging.getLogger("condiquant")
+PACKAGE = Path(__file__).resolve().parent
+UNTRAINED = ("minmax", "percentile", "dobi")
+
+
+def code_fingerprint() -> str:
+    """sha256 (first 16 hex) over the package's source files, as they are on disk (clean or not)."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*")):
+        if path.suffix in (".py", ".yml") and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACKAGE, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=PACKAGE, capture_output=True,
+                               text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _cell_id(method: str, bits: int) -> str:
     return "FP" if method == "FP" else "Bicubic" if method == "Bicubic" else f"{method}_W{bits}A{bits}"
 
 
-def _test_options(table: TableOptions, name: str, **changes: Any) -> TestOptions:
+def _test_options(table: TableOptions, name: str, datasets: Optional[List[str]] = None, **changes: Any) -> TestOptions:
     base = from_dict(TestOptions, load_yaml(table.test_opt), f"{table.test_opt}:")
-    datasets = {k: d for k, d in base.datasets.items() if table.datasets is None or d.name in table.datasets}
-    return replace(base, name=name, datasets=datasets, **changes)
+    wanted = datasets if datasets is not None else table.datasets
+    chosen = {k: d for k, d in base.datasets.items() if wanted is None or d.name in wanted}
+    return replace(base, name=name, datasets=chosen, **changes)
 
 
-def cell_train_options(table: TableOptions, method: str, bits: int, name: str) -> Tuple[TrainOptions, str]:
-    """The train options of a (method or variant, bits) cell, and the file they come from."""
+def cell_train_options(table: TableOptions, method: str, bits: int, name: str,
+                       seed: Optional[int] = None) -> Tuple[TrainOptions, str]:
+    """The train options of a (row, bits) cell at ``seed`` (None: the options file's), and their source file."""
     variant = table.variants.get(method, VariantOptions(method))
     source = variant.train_opt or table.train_opt
-    data = apply_overrides(load_yaml(source), [f"{k}={json.dumps(v)}" for k, v in {
-        **table.train_overrides, **variant.overrides, "name": name, "method": variant.method,
-        "quant.w_bit": bits, "quant.a_bit": bits,
-    }.items()], source)
+    sets = {**table.train_overrides, **variant.overrides, "name": name, "method": variant.method,
+            "quant.w_bit": bits, "quant.a_bit": bits}
+    if seed is not None:
+        sets["manual_seed"] = seed
+    data = apply_overrides(load_yaml(source), [f"{k}={json.dumps(v)}" for k, v in sets.items()], source)
     return from_dict(TrainOptions, data, f"{source}:"), source
 
 
@@ -45,35 +89,196 @@ def load_table(opt_path: str, overrides: List[str]) -> TableOptions:
     return from_dict(TableOptions, apply_overrides(load_yaml(opt_path), overrides, opt_path), f"{opt_path}:")
 
 
-def run_cell(table: TableOptions, method: str, bits: int, out_dir: Path) -> Dict[str, Any]:
-    """``method``: a column of the table (a method, or a variant's name)."""
+def run_key(train: Optional[TrainOptions], test: TestOptions, seed: int, threads: int) -> str:
+    """Hash of everything that decides a run's numbers except the code: options (names excluded), seed, threads."""
+    data = {"train": {k: v for k, v in to_dict(train).items() if k != "name"} if train is not None else None,
+            "test": {k: v for k, v in to_dict(test).items() if k != "name"}, "seed": seed, "threads": threads}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Cache:
+    """The cells folder of a table, with the bridges that let runs of older code stand."""
+
+    def __init__(self, out_dir: Path):
+        self.dir = out_dir / "cells"
+        self.code = code_fingerprint()
+        self.commit = git_commit()
+        self.bridges_path = out_dir / "bridges.json"
+        self.bridges: List[Dict[str, Any]] = (json.loads(self.bridges_path.read_text())
+                                              if self.bridges_path.is_file() else [])
+
+    def bridged(self, code: str) -> Optional[Dict[str, Any]]:
+        return next((b for b in self.bridges if b["from_code"] == code and b["to_code"] == self.code and b["ok"]),
+                    None)
+
+    def get(self, path: Path, key: str) -> Optional[Dict[str, Any]]:
+        if not path.is_file():
+            return None
+        unit = json.loads(path.read_text())
+        if unit.get("key") != key:
+            return None
+        return unit if unit.get("code") == self.code or self.bridged(unit.get("code", "")) else None
+
+    def put(self, path: Path, unit: Dict[str, Any]) -> Dict[str, Any]:
+        unit = {**unit, "code": self.code, "commit": self.commit, "torch": torch.__version__}
+        atomic_write_text(path, json.dumps(unit, indent=1))
+        return unit
+
+
+def _scores(scores) -> Dict[str, Dict[str, float]]:
+    return {s.name: {"psnr": s.psnr, "ssim": s.ssim} for s in scores}
+
+
+def _train(table: TableOptions, method: str, bits: int, seed: int, name: str, key: str,
+           train_opts: TrainOptions, source: str) -> Tuple[Path, Dict[str, Any]]:
+    """Calibrate (or reuse the finished experiment made with the same key and code); returns (ckpt, summary)."""
+    exp = Path("experiments") / name
+    ckpt, summary_path, stamp = exp / "models" / "net_q_latest.pth", exp / "summary.json", exp / "cell.json"
+    if ckpt.is_file() and summary_path.is_file() and stamp.is_file():
+        recorded = json.loads(stamp.read_text())
+        if recorded == {"key": key, "code": code_fingerprint()}:
+            return ckpt, json.loads(summary_path.read_text())
+    ckpt = run_train(train_opts, source, f"scripts/reproduce.py cell {_cell_id(method, bits)} seed {seed}")
+    atomic_write_text(stamp, json.dumps({"key": key, "code": code_fingerprint()}))
+    return ckpt, json.loads(summary_path.read_text())
+
+
+def run_seed(table: TableOptions, cache: Cache, method: str, bits: int, seed: int) -> Dict[str, Any]:
+    """One seed of a cell: trained (or the FP / bicubic model), scored on the validation split and ``seed_datasets``
+    (FP and bicubic: on every dataset, they have no seeds)."""
     cell = _cell_id(method, bits)
-    name = f"{table.name}_{cell}"
-    tic = time.perf_counter()
-    train_seconds = 0.0
-    if method == "FP":
+    name = f"{table.name}_{cell}_s{seed}"
+    threads = table.num_threads or torch.get_num_threads()
+    path = cache.dir / cell / f"s{seed}.json"
+    if method in ("FP", "Bicubic"):
         opts = _test_options(table, name)
-    elif method == "Bicubic":
-        base = _test_options(table, name)
-        opts = replace(base, network_g={"type": "Bicubic", "upscale": base.scale},
-                       path=replace(base.path, pretrain_network_g=None), reference=None)
-    else:
-        train_opts, source = cell_train_options(table, method, bits, name)
-        ckpt = Path("experiments") / name / "models" / "net_q_latest.pth"
-        if not ckpt.is_file():  # a checkpoint from an interrupted grid run is reused as is
-            ckpt = run_train(train_opts, source, f"scripts/reproduce.py cell {cell}")
-        train_seconds = time.perf_counter() - tic
-        base = _test_options(table, name)
-        opts = replace(base, network_g=train_opts.network_g, path=replace(base.path, pretrain_network_g=str(ckpt)),
-                       reference=None)
-    scores = run_test(opts, table.test_opt, f"scripts/reproduce.py cell {cell}")
-    result = {"cell": cell, "method": method, "bits": bits, "train_seconds": train_seconds,
-              "total_seconds": time.perf_counter() - tic,
-              "scores": {s.name: {"psnr": s.psnr, "ssim": s.ssim} for s in scores}}
-    path = out_dir / "cells" / f"{cell}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return result
+        if method == "Bicubic":
+            opts = replace(opts, network_g={"type": "Bicubic", "upscale": opts.scale},
+                           path=replace(opts.path, pretrain_network_g=None), reference=None)
+        key = run_key(None, opts, seed, threads)
+        if (unit := cache.get(path, key)) is not None:
+            return unit
+        tic = time.perf_counter()
+        scores = run_test(replace(opts, num_threads=threads), table.test_opt, f"scripts/reproduce.py cell {cell}")
+        return cache.put(path, {"cell": cell, "method": method, "bits": bits, "seed": seed, "key": key,
+                                "threads": threads, "train_seconds": 0.0, "score_seconds": time.perf_counter() - tic,
+                                "scores": _scores(scores)})
+    train_opts, source = cell_train_options(table, method, bits, name, seed)
+    train_opts = replace(train_opts, num_threads=threads)
+    test_opts = _test_options(table, name, table.seed_datasets)
+    key = run_key(train_opts, test_opts, seed, threads)
+    if (unit := cache.get(path, key)) is not None:
+        return unit
+    tic = time.perf_counter()
+    ckpt, summary = _train(table, method, bits, seed, name, key, train_opts, source)
+    train_seconds = time.perf_counter() - tic
+    tic = time.perf_counter()
+    scores = run_test(replace(test_opts, network_g=train_opts.network_g, num_threads=threads, reference=None,
+                              path=replace(test_opts.path, pretrain_network_g=str(ckpt))),
+                      table.test_opt, f"scripts/reproduce.py cell {cell} seed {seed}")
+    return cache.put(path, {
+        "cell": cell, "method": method, "bits": bits, "seed": seed, "key": key, "threads": threads,
+        "options": source, "checkpoint": str(ckpt), "train_seconds": train_seconds,
+        "method_seconds": summary["seconds"], "score_seconds": time.perf_counter() - tic,
+        "val_psnr": summary["val_psnr"], "val_psnr_iter0": summary["val_psnr_iter0"],
+        "fp_val_psnr": summary["fp_val_psnr"], "scores": _scores(scores), **describe(train_opts)})
+
+
+def describe(opts: TrainOptions) -> Dict[str, Any]:
+    """What a reader needs beside the numbers: weight granularity and the training budget and variant."""
+    info: Dict[str, Any] = {"w_granularity": opts.quant.w_granularity}
+    loop = opts.saft if opts.method in ("oaq", "condiquant_oaq") else opts.dqc if opts.method not in UNTRAINED else None
+    if loop is not None:
+        info["budget"] = {"updates": loop.total_iter, "batch": loop.batch_size, "patch": loop.patch_size}
+        info["loop"] = {"lr": loop.lr, "lr_scale": loop.lr_scale, "warmup_iter": loop.warmup_iter,
+                        "ema_decay": loop.ema_decay, "select": loop.select}
+    return info
+
+
+def median_seed(units: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The run with the median validation PSNR (the lower middle one for an even count)."""
+    ordered = sorted(units, key=lambda u: (u["val_psnr"], u["seed"]))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def run_rest(table: TableOptions, cache: Cache, unit: Dict[str, Any]) -> Dict[str, Any]:
+    """Score the median seed's checkpoint on the datasets the seeds were not scored on."""
+    rest = [d for d in (table.datasets or []) if d not in table.seed_datasets]
+    name = f"{table.name}_{unit['cell']}_s{unit['seed']}"
+    path = cache.dir / unit["cell"] / "rest.json"
+    test_opts = _test_options(table, name + "_rest", rest)
+    key = hashlib.sha256(f"{unit['key']}|{run_key(None, test_opts, unit['seed'], unit['threads'])}".encode()
+                         ).hexdigest()[:16]
+    if (cached := cache.get(path, key)) is not None:
+        return cached
+    train_opts, source = cell_train_options(table, unit["method"], unit["bits"], name, unit["seed"])
+    train_opts = replace(train_opts, num_threads=unit["threads"])
+    ckpt = Path(unit["checkpoint"])
+    if not ckpt.is_file():  # experiments/ is not committed: a fresh clone retrains the seed (same key)
+        ckpt, _ = _train(table, unit["method"], unit["bits"], unit["seed"], name, unit["key"], train_opts, source)
+    tic = time.perf_counter()
+    scores = run_test(replace(test_opts, network_g=train_opts.network_g, num_threads=unit["threads"],
+                              reference=None, path=replace(test_opts.path, pretrain_network_g=str(ckpt))),
+                      table.test_opt, f"scripts/reproduce.py cell {unit['cell']} seed {unit['seed']} (rest)")
+    return cache.put(path, {"cell": unit["cell"], "seed": unit["seed"], "key": key, "seed_key": unit["key"],
+                            "score_seconds": time.perf_counter() - tic, "scores": _scores(scores)})
+
+
+def seeds_of(table: TableOptions, method: str, units: List[Dict[str, Any]]) -> List[int]:
+    if method in ("FP", "Bicubic") or table.variants.get(method, VariantOptions(method)).method in UNTRAINED:
+        return table.seeds[:1]
+    if len(units) >= 2 and float(np.std([u["val_psnr"] for u in units], ddof=1)) > table.std_threshold:
+        return table.seeds + table.extra_seeds
+    return list(table.seeds)
+
+
+def run_cell(table: TableOptions, cache: Cache, method: str, bits: int) -> Dict[str, Any]:
+    units: List[Dict[str, Any]] = []
+    todo = seeds_of(table, method, units)
+    while len(units) < len(todo):
+        units.append(run_seed(table, cache, method, bits, todo[len(units)]))
+        todo = seeds_of(table, method, units)
+    rest = None
+    if method not in ("FP", "Bicubic"):
+        rest = run_rest(table, cache, median_seed(units))
+    return aggregate(table, method, bits, units, rest)
+
+
+def aggregate(table: TableOptions, method: str, bits: int, units: List[Dict[str, Any]],
+              rest: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The table row of a cell: mean ± std over seeds where there are seeds, single scores elsewhere."""
+    row: Dict[str, Any] = {"cell": units[0]["cell"], "method": method, "bits": bits,
+                           "seeds": [u["seed"] for u in units], "keys": [u["key"] for u in units],
+                           "commits": sorted({u["commit"] for u in units} | ({rest["commit"]} if rest else set())),
+                           "codes": sorted({u["code"] for u in units} | ({rest["code"]} if rest else set())),
+                           "threads": units[0]["threads"],
+                           "train_seconds": float(np.mean([u["train_seconds"] for u in units])),
+                           "score_seconds": float(sum(u["score_seconds"] for u in units)
+                                                  + (rest["score_seconds"] if rest else 0.0))}
+    variant = table.variants.get(method, VariantOptions(method))
+    row["variant_method"] = variant.method
+    for k in ("w_granularity", "budget", "loop"):
+        if k in units[0]:
+            row[k] = units[0][k]
+    if "val_psnr" in units[0]:
+        vals = [u["val_psnr"] for u in units]
+        row.update(val_psnr_mean=float(np.mean(vals)), val_psnr_std=float(np.std(vals, ddof=1)) if len(vals) > 1
+                   else 0.0, val_psnr_iter0=float(np.mean([u["val_psnr_iter0"] for u in units])),
+                   val_psnr=vals, fp_val_psnr=units[0]["fp_val_psnr"])
+    scores: Dict[str, Dict[str, Any]] = {}
+    for name in units[0]["scores"]:
+        psnrs = [u["scores"][name]["psnr"] for u in units]
+        scores[name] = {"psnr_mean": float(np.mean(psnrs)), "ssim_mean": float(np.mean(
+            [u["scores"][name]["ssim"] for u in units])), "psnr": psnrs}
+        if len(psnrs) > 1:
+            scores[name]["psnr_std"] = float(np.std(psnrs, ddof=1))
+    if rest is not None:
+        row["rest_seed"] = rest["seed"]
+        for name, s in rest["scores"].items():
+            scores[name] = {"psnr_mean": s["psnr"], "ssim_mean": s["ssim"], "seed": rest["seed"]}
+    order = table.datasets or list(scores)
+    row["scores"] = {n: scores[n] for n in order if n in scores}
+    return row
 
 
 def cells(table: TableOptions) -> List[tuple]:
@@ -89,59 +294,127 @@ def load_paper(key: str | None) -> Dict[str, Any]:
     return yaml.safe_load((Path(__file__).with_name("paper_tables.yml")).read_text()).get(key, {})
 
 
-def render(table: TableOptions, results: List[Dict[str, Any]], command: str) -> str:
-    names = [d for d in (results[0]["scores"] if results else [])]
+def _pm(mean: float, std: Optional[float]) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def render(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache: Cache) -> str:
+    names = table.datasets or (list(rows[0]["scores"]) if rows else [])
     paper = load_paper(table.paper)
+    commits = sorted({c for r in rows for c in r["commits"]})
+    codes = sorted({c for r in rows for c in r["codes"]})
     lines = [f"# {table.name}", "",
              f"Produced by `{command}` (train options `{table.train_opt}`, test options `{table.test_opt}`).",
-             "PSNR (dB) / SSIM on Y. Columns marked *paper* are published numbers, not ours"
-             + (f" ({paper.get('source')})" if paper else "") + "."]
+             f"PSNR (dB) on Y; `mean ± std` over the row's seeds (sample std). Seeds: {table.seeds} per trained row "
+             f"({table.seeds + table.extra_seeds} where the validation std exceeds {table.std_threshold} dB); "
+             f"untrained rows and FP/bicubic: seed {table.seeds[0]}. Each seed is scored on the calibration "
+             f"validation split (`val`) and on {', '.join(table.seed_datasets)}; "
+             f"{', '.join(n for n in names if n not in table.seed_datasets)} are scored once, on the checkpoint of "
+             f"the seed with the median validation PSNR. `val it0`: validation PSNR before training (mean). "
+             f"Threads per run: {rows[0]['threads'] if rows else '?'}."
+             + (" Columns marked *paper* are published numbers, not ours"
+                + (f" ({paper.get('source')})" if paper else "") + "." if paper else ""),
+             f"Cells from commits {', '.join(commits)} (package code {', '.join(codes)}; today's code "
+             f"{cache.code})."]
+    for b in cache.bridges:
+        if b["to_code"] == cache.code and b["from_code"] in codes and b["from_code"] != cache.code:
+            lines.append(f"- code {b['from_code']} bridged to {b['to_code']} by `{b['command']}`: "
+                         + ", ".join(f"{c['cell']} s{c['seed']} {c['diff']:+.3f} dB (tol {c['tol']:.3f})"
+                                     for c in b["checked"]))
     for label, v in table.variants.items():
         lines.append(f"- row `{label}`: method `{v.method}`, options `{v.train_opt or table.train_opt}`"
                      + "".join(f", `{k}={json.dumps(x)}`" for k, x in v.overrides.items()) + ".")
+    if table.train_overrides:
+        lines.append("- every row: " + ", ".join(f"`{k}={json.dumps(x)}`" for k, x in table.train_overrides.items()))
     lines.append("")
-    header = "| method | bits | " + " | ".join(names) + (" | " + " | ".join(f"{n} *paper*" for n in names)
-                                                       if paper else "") + " | calibration s | total s |"
+    header = ("| method | bits | seeds | val | val it0 | " + " | ".join(names)
+              + (" | " + " | ".join(f"{n} *paper*" for n in names) if paper else "") + " | train s | score s |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in results:
-        ours = " | ".join(f"{r['scores'][n]['psnr']:.2f} / {r['scores'][n]['ssim']:.4f}" for n in names)
-        row = f"| {r['method']} | {r['bits']} | {ours}"
+    for r in rows:
+        val = _pm(r["val_psnr_mean"], r["val_psnr_std"] if len(r["seeds"]) > 1 else None) if "val_psnr_mean" in r \
+            else "–"
+        it0 = f"{r['val_psnr_iter0']:.2f}" if "val_psnr_iter0" in r else "–"
+        ours = " | ".join(_pm(r["scores"][n]["psnr_mean"], r["scores"][n].get("psnr_std")) if n in r["scores"]
+                          else "…" for n in names)
+        row = f"| {r['method']} | {r['bits']} | {len(r['seeds'])} | {val} | {it0} | {ours}"
         if paper:
             cell = paper.get("rows", {}).get(r["cell"], {})
             row += " | " + " | ".join(cell.get(n, "–") for n in names)
-        lines.append(row + f" | {r['train_seconds']:.0f} | {r['total_seconds']:.0f} |")
+        lines.append(row + f" | {r['train_seconds']:.0f} | {r['score_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _write(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache: Cache) -> Path:
+    md = Path("results") / f"{table.name}.md"
+    atomic_write_text(md, render(table, rows, command, cache))
+    atomic_write_text(Path("results") / f"{table.name}.json", json.dumps(
+        {"command": command, "code": cache.code, "commit": cache.commit, "seeds": table.seeds,
+         "rows": rows}, indent=1))
+    return md
 
 
 def run_table(opt_path: str, overrides: List[str], command: str) -> Path:
     table = load_table(opt_path, overrides)
     out_dir = Path("results") / table.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    # One log for the whole table (appended across resumed runs), beside the per-cell logs.
+    cache = Cache(out_dir)
+    # One log for the whole table (appended across resumed runs), beside the per-run logs.
     handler = logging.FileHandler(Path("results") / f"{table.name}.log")
     handler.setFormatter(LOG_FORMAT)
     log.addHandler(handler)
-    log.info("table %s: %s", table.name, command)
+    log.info("table %s: %s (code %s, commit %s)", table.name, command, cache.code, cache.commit)
+    rows: List[Dict[str, Any]] = []
     try:
-        results = _run_cells(table, out_dir, command)
+        for method, bits in cells(table):
+            tic = time.perf_counter()
+            rows.append(run_cell(table, cache, method, bits))
+            log.info("cell %s ready (%.0f s)", rows[-1]["cell"], time.perf_counter() - tic)
+            _write(table, rows, command, cache)
     finally:
         log.removeHandler(handler)
         handler.close()
-    md = Path("results") / f"{table.name}.md"
-    md.write_text(render(table, results, command))
-    (Path("results") / f"{table.name}.json").write_text(json.dumps({"command": command, "cells": results},
-                                                                   indent=2))
-    return md
+    return _write(table, rows, command, cache)
 
 
-def _run_cells(table: TableOptions, out_dir: Path, command: str) -> List[Dict[str, Any]]:
+def check(opt_path: str, overrides: List[str], n: int, command: str, seed: Optional[int] = None) -> Dict[str, Any]:
+    """Re-run ``n`` random cached trained runs on today's code and compare them with their cached numbers; a code
+    fingerprint all of whose re-runs (at least two) agreed within max(cell std, 0.02 dB) is bridged to today's."""
+    table = load_table(opt_path, overrides)
+    out_dir = Path("results") / table.name
+    cache = Cache(out_dir)
+    units = [json.loads(p.read_text()) for p in sorted(cache.dir.glob("*/s*.json"))]
+    units = [u for u in units if "val_psnr" in u]
+    if not units:
+        raise SystemExit(f"{out_dir}: no cached trained run to check")
+    picked = random.Random(seed).sample(units, min(n, len(units)))
     results = []
-    for method, bits in cells(table):
-        cached = out_dir / "cells" / f"{_cell_id(method, bits)}.json"
-        if cached.is_file():
-            results.append(json.loads(cached.read_text()))
+    for u in picked:
+        siblings = [x["val_psnr"] for x in units if x["cell"] == u["cell"]]
+        tol = max(float(np.std(siblings, ddof=1)) if len(siblings) > 1 else 0.0, 0.02)
+        label = next(m for m in table.methods if _cell_id(m, u["bits"]) == u["cell"])
+        name = f"{table.name}_{u['cell']}_s{u['seed']}_check"
+        train_opts, source = cell_train_options(table, label, u["bits"], name, u["seed"])
+        train_opts = replace(train_opts, num_threads=u["threads"])
+        test_opts = _test_options(table, name, table.seed_datasets)
+        if run_key(train_opts, test_opts, u["seed"], u["threads"]) != u["key"]:
+            results.append({"cell": u["cell"], "seed": u["seed"], "from_code": u["code"], "ok": False,
+                            "diff": float("nan"), "tol": tol, "note": "options changed since: key differs"})
             continue
-        results.append(run_cell(table, method, bits, out_dir))
-        log.info("cell %s done in %.0f s", results[-1]["cell"], results[-1]["total_seconds"])
-        (Path("results") / f"{table.name}.md").write_text(render(table, results, command))
-    return results
+        run_train(train_opts, source, command)
+        summary = json.loads((Path("experiments") / name / "summary.json").read_text())
+        diff = summary["val_psnr"] - u["val_psnr"]
+        results.append({"cell": u["cell"], "seed": u["seed"], "from_code": u["code"], "old": u["val_psnr"],
+                        "new": summary["val_psnr"], "diff": diff, "tol": tol, "ok": abs(diff) <= tol})
+        log.info("check %s seed %d: cached %.3f, today %.3f (diff %+.3f, tol %.3f)", u["cell"], u["seed"],
+                 u["val_psnr"], summary["val_psnr"], diff, tol)
+    for code in sorted({r["from_code"] for r in results}):
+        checked = [r for r in results if r["from_code"] == code]
+        if code != cache.code:
+            cache.bridges.append({"from_code": code, "to_code": cache.code, "commit": cache.commit,
+                                  "command": command, "checked": checked,
+                                  "ok": len(checked) >= 2 and all(r["ok"] for r in checked)})
+    atomic_write_text(cache.bridges_path, json.dumps(cache.bridges, indent=1))
+    report = {"command": command, "code": cache.code, "commit": cache.commit, "checked": results,
+              "agree": all(r["ok"] for r in results)}
+    atomic_write_text(out_dir.parent / f"{table.name}_check.json", json.dumps(report, indent=1))
+    return report

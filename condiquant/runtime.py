@@ -45,6 +45,9 @@ def fresh_dir(path: Path) -> Optional[Path]:
     archived = None
     if path.exists():
         archived = path.with_name(f"{path.name}_archived_{timestamp()}")
+        n = 1
+        while archived.exists():  # two runs within one second
+            archived, n = path.with_name(f"{path.name}_archived_{timestamp()}_{n}"), n + 1
         path.rename(archived)
     path.mkdir(parents=True)
     return archived

@@ -62,30 +62,80 @@ def test_unsupported_bits_is_a_one_line_error(project, capsys):
     assert "quant.w_bit: unsupported bit-width 1" in capsys.readouterr().err
 
 
-def test_grid_runner_writes_table_and_resumes_from_cache(project):
-    from condiquant.grid import run_table
-
+def _tiny_table(project, **extra):
     write_yaml(project, "train.yml", train_options("minmax"))
     write_yaml(project, "test.yml", {"name": "unused", "scale": 2, "network_g": NET,
-                                 "path": {"pretrain_network_g": "fp.pth"},
-                                 "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}})
+                                     "path": {"pretrain_network_g": "fp.pth"},
+                                     "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"},
+                                                  "u": {"name": "Other", "dataroot_gt": "bench/HR"}}})
     # A variant row: another method's options with an override, run at W2A2 only.
     variant = {"method": "percentile", "overrides": {"bound_init.percentile": 90.0}, "bits": [2]}
-    table = write_yaml(project, "table.yml", {"name": "tiny_table", "train_opt": "train.yml", "test_opt": "test.yml",
-                                          "methods": ["minmax", "dobi", "p90"], "bits": [4, 2],
-                                          "variants": {"p90": variant}})
+    return write_yaml(project, "table.yml", {
+        "name": "tiny_table", "train_opt": "train.yml", "test_opt": "test.yml", "seed_datasets": ["Bench"],
+        "datasets": ["Bench", "Other"], "methods": ["minmax", "2dquant", "p90"], "bits": [4, 2], "seeds": [0, 1],
+        "extra_seeds": [], "variants": {"p90": variant}, **extra})
+
+
+def test_grid_runner_writes_table_with_seeds_and_resumes_from_cache(project):
+    from condiquant.grid import run_table
+
+    table = _tiny_table(project)
     md = run_table(table, [], "test").read_text()
-    assert all(f"| {m} | {b} |" in md for m in ("minmax", "dobi") for b in (4, 2))
+    assert all(f"| {m} | {b} |" in md for m in ("minmax", "2dquant") for b in (4, 2))
     assert "| FP | 32 |" in md and "| Bicubic | 32 |" in md and "| p90 | 2 |" in md and "| p90 | 4 |" not in md
     assert "- row `p90`: method `percentile`" in md
-    cells = sorted(p.name for p in (project / "results" / "tiny_table" / "cells").iterdir())
-    assert cells == ["Bicubic.json", "FP.json", "dobi_W2A2.json", "dobi_W4A4.json", "minmax_W2A2.json",
-                     "minmax_W4A4.json", "p90_W2A2.json"]
-    resolved = (project / "experiments" / "tiny_table_p90_W2A2" / "tiny_table_p90_W2A2.yml").read_text()
+    rows = {r["cell"]: r for r in json.loads((project / "results" / "tiny_table.json").read_text())["rows"]}
+    assert rows["minmax_W4A4"]["seeds"] == [0] and rows["2dquant_W4A4"]["seeds"] == [0, 1]
+    trained = rows["2dquant_W2A2"]
+    assert {"val_psnr_mean", "val_psnr_std", "val_psnr_iter0"} <= set(trained)
+    assert "psnr_std" in trained["scores"]["Bench"] and trained["scores"]["Other"]["seed"] in (0, 1)
+    assert trained["budget"] == {"updates": 4, "batch": 2, "patch": 12}
+    units = sorted((project / "results" / "tiny_table" / "cells" / "2dquant_W2A2").glob("*.json"))
+    assert [u.name for u in units] == ["rest.json", "s0.json", "s1.json"]
+    assert all({"key", "commit", "code"} <= set(json.loads(u.read_text())) for u in units)
+    resolved = (project / "experiments" / "tiny_table_p90_W2A2_s0" / "tiny_table_p90_W2A2_s0.yml").read_text()
     assert "percentile: 90.0" in resolved and "method: percentile" in resolved
     # A second run only reads the cache: no experiment is calibrated again (none gets archived).
     run_table(table, [], "test")
     assert not any("archived" in p.name for p in (project / "experiments").iterdir())
+
+
+def test_grid_recomputes_cells_of_other_options_or_unbridged_code(project):
+    from condiquant.grid import run_table
+
+    table = _tiny_table(project, methods=["dobi"], bits=[4], include_fp=False, include_bicubic=False)
+    run_table(table, [], "test")
+    unit_path = project / "results" / "tiny_table" / "cells" / "dobi_W4A4" / "s0.json"
+    first = json.loads(unit_path.read_text())
+    # Other options (a different percentile does not touch dobi, but any option is part of the key): recomputed.
+    run_table(table, ["train_overrides={bound_init.dobi_steps: 50}"], "test")
+    second = json.loads(unit_path.read_text())
+    assert second["key"] != first["key"]
+    # Same options, a cell made by other code: recomputed unless a check bridged that code.
+    unit_path.write_text(json.dumps({**second, "code": "0000", "val_psnr": -1.0}))
+    run_table(table, ["train_overrides={bound_init.dobi_steps: 50}"], "test")
+    assert json.loads(unit_path.read_text())["val_psnr"] == second["val_psnr"]
+    (project / "results" / "tiny_table" / "bridges.json").write_text(json.dumps(
+        [{"from_code": "0000", "to_code": second["code"], "ok": True, "checked": [], "command": "c"}]))
+    unit_path.write_text(json.dumps({**second, "code": "0000", "val_psnr": -1.0}))
+    run_table(table, ["train_overrides={bound_init.dobi_steps: 50}"], "test")
+    assert json.loads(unit_path.read_text())["val_psnr"] == -1.0  # bridged: reused as is
+
+
+def test_check_reruns_cached_runs_and_bridges_old_code(project):
+    from condiquant.grid import check, run_table
+
+    table = _tiny_table(project, methods=["2dquant"], bits=[4], include_fp=False, include_bicubic=False)
+    run_table(table, [], "test")
+    cells = project / "results" / "tiny_table" / "cells" / "2dquant_W4A4"
+    for seed in (0, 1):  # pretend older code made both runs
+        path = cells / f"s{seed}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "code": "old"}))
+    report = check(table, [], 2, "check", seed=0)
+    assert report["agree"] and len(report["checked"]) == 2
+    assert all(abs(r["diff"]) < 1e-9 for r in report["checked"])  # one thread, same seed: identical
+    bridges = json.loads((project / "results" / "tiny_table" / "bridges.json").read_text())
+    assert bridges[-1]["from_code"] == "old" and bridges[-1]["ok"]
 
 
 def test_unknown_table_row_is_a_one_line_error(project):

@@ -18,7 +18,8 @@ from condiquant.data.paired import list_images, read_image, write_image
 
 
 def _to_tensor(imgs: Sequence[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255.0)
+    # contiguous NCHW: a permuted (channels-last) input takes other conv kernels, whose float sums differ
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous().float().div(255.0)
 
 
 def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
