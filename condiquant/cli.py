@@ -34,7 +34,7 @@ def run_cli(job: Callable[[], object]) -> int:
 
 
 def main_test(argv: Optional[List[str]] = None) -> int:
-    from condiquant.evaluate import run_test
+    from condiquant.scoring import run_test
     from condiquant.options import TestOptions
 
     def job() -> None:

@@ -32,7 +32,7 @@ import yaml
 
 from condiquant.config import apply_overrides, from_dict, load_yaml, to_dict
 from condiquant.engine.state import atomic_write_text
-from condiquant.evaluate import run_test
+from condiquant.scoring import run_test
 from condiquant.options import TableOptions, TestOptions, TrainOptions, VariantOptions
 from condiquant.ptq import run_train
 from condiquant.runtime import LOG_FORMAT

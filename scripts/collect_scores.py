@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from condiquant.config import from_dict, load_yaml  # noqa: E402
-from condiquant.evaluate import load_references  # noqa: E402
+from condiquant.scoring import load_references  # noqa: E402
 from condiquant.options import TestOptions  # noqa: E402
 
 

@@ -33,7 +33,7 @@ from condiquant.cli import run_cli  # noqa: E402
 from condiquant.config import ConfigError, from_dict, load_yaml  # noqa: E402
 from condiquant.data.imresize import imresize_uint8, modcrop  # noqa: E402
 from condiquant.data.paired import read_image  # noqa: E402
-from condiquant.evaluate import build_model, to_uint8  # noqa: E402
+from condiquant.scoring import build_model, to_uint8  # noqa: E402
 from condiquant.inference import super_resolve  # noqa: E402
 from condiquant.options import TestOptions  # noqa: E402
 from condiquant.runtime import configure  # noqa: E402

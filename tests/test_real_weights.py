@@ -6,7 +6,7 @@ import torch
 
 from condiquant.archs import build_network, load_pretrained
 from condiquant.data.paired import PairedImageFolder
-from condiquant.evaluate import load_references, score_dataset
+from condiquant.scoring import load_references, score_dataset
 from condiquant.options import DatasetOptions, ValOptions
 
 CASES = [

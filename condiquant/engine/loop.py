@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from condiquant import metrics
 from condiquant.engine.state import atomic_torch_save, options_record, read_state
-from condiquant.evaluate import to_uint8
+from condiquant.scoring import to_uint8
 from condiquant.methods.context import PTQContext
 from condiquant.options import LoopOptions
 from condiquant.quant.checkpoint import save_quantized

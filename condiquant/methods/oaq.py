@@ -56,6 +56,8 @@ def layer_input_stds(model: nn.Module, names: List[str], batches: Iterable[torch
 def sensitivity_weights(stds: Dict[str, float], blocks: List[str]) -> Dict[str, float]:
     """Block weights from per-layer input stds: softmax over layers of std / mean std (scale-free), summed per
     block (a layer belongs to the block its name starts with), renormalised over the blocks."""
+    if not blocks:  # no feature modules (e.g. a user's arch without them): the output term alone
+        return {}
     names = list(stds)
     rel = torch.tensor([stds[n] for n in names], dtype=torch.float64)
     s_layer = torch.softmax(rel / rel.mean().clamp_min(1e-30), dim=0).tolist()
@@ -73,8 +75,7 @@ def sensitivity_loss(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.
     for name, t in teacher.items():
         diff = t.flatten() / t.norm() - student[name].flatten() / student[name].norm()
         total = total + sensitivity[name] * weight * diff.norm()
-    batch = next(iter(teacher.values())).shape[0]
-    return total / (batch * len(teacher))
+    return total / (next(iter(teacher.values())).shape[0] * len(teacher)) if teacher else total
 
 
 def parameter_groups(model: nn.Module) -> List[List[nn.Parameter]]:

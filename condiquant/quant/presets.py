@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Dict
 
-from condiquant.config import ConfigError
 from condiquant.options import PlacementOptions
 
 PRESETS: Dict[str, PlacementOptions] = {
@@ -62,15 +61,14 @@ PRESETS: Dict[str, PlacementOptions] = {
 }
 
 
+# An arch without preset (a user's own network): every Linear, Conv2d and MatMul is quantized, nothing is kept FP
+# and the distillation losses compare outputs only; ``quant.placement`` in the YAML (or the API) refines it.
+GENERIC = PlacementOptions(targets=["Linear", "Conv2d", "MatMul"], include=["**"], skip=[], high_precision=[],
+                           split_qkv=[], one_direction=[], feature_modules=[])
+
+
 def resolve_placement(arch: str, opt: PlacementOptions, where: str) -> PlacementOptions:
-    """Fill unset fields from the arch's preset; an arch without preset must set every field."""
-    preset = PRESETS.get(arch)
-    values = {}
-    for f in fields(PlacementOptions):
-        value = getattr(opt, f.name)
-        if value is None:
-            if preset is None:
-                raise ConfigError(f"{where}.{f.name}: required for arch {arch!r}, which has no placement preset")
-            value = getattr(preset, f.name)
-        values[f.name] = value
-    return replace(opt, **values)
+    """Fill unset fields from the arch's preset (``GENERIC`` for an arch without one)."""
+    preset = PRESETS.get(arch, GENERIC)
+    return replace(opt, **{f.name: getattr(preset, f.name) if getattr(opt, f.name) is None else getattr(opt, f.name)
+                           for f in fields(PlacementOptions)})
