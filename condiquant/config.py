@@ -47,7 +47,11 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], source: str)
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: override {key!r}: {part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: override {key!r}: invalid YAML value {raw!r} "
+                              f"({str(exc).splitlines()[0]})") from None
     return data
 
 
@@ -112,7 +116,7 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(fields)})")
+        raise ConfigError(f"{where.rstrip(':')}: unknown key {unknown[0]!r} (allowed: {', '.join(fields)})")
     kwargs = {}
     for name, field in fields.items():
         key_where = f"{where}.{name}" if not where.endswith(":") else f"{where} {name}"

@@ -225,11 +225,13 @@ def run_rest(table: TableOptions, cache: Cache, unit: Dict[str, Any]) -> Dict[st
 
 
 def seeds_of(table: TableOptions, method: str, units: List[Dict[str, Any]]) -> List[int]:
-    if method in ("FP", "Bicubic") or table.variants.get(method, VariantOptions(method)).method in UNTRAINED:
+    variant = table.variants.get(method, VariantOptions(method))
+    if method in ("FP", "Bicubic") or variant.method in UNTRAINED:
         return table.seeds[:1]
+    seeds = variant.seeds or table.seeds
     if len(units) >= 2 and float(np.std([u["val_psnr"] for u in units], ddof=1)) > table.std_threshold:
-        return table.seeds + table.extra_seeds
-    return list(table.seeds)
+        return seeds + [s for s in table.extra_seeds if s not in seeds]
+    return list(seeds)
 
 
 def run_cell(table: TableOptions, cache: Cache, method: str, bits: int) -> Dict[str, Any]:

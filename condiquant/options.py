@@ -69,12 +69,22 @@ class TestOptions:
     reference: Optional[str] = None
 
     def validate(self, where: str) -> None:
-        if self.scale < 1:
-            raise ConfigError(f"{where} scale: must be a positive integer, got {self.scale}")
-        if "type" not in self.network_g:
-            raise ConfigError(f"{where} network_g.type: required key is missing")
+        check_model_options(self, where)
         if not self.datasets:
             raise ConfigError(f"{where} datasets: at least one dataset is required")
+
+
+def check_model_options(opts: Any, where: str) -> None:
+    """Keys train.py and test.py share: scale, the network's type and upscale, threads."""
+    if opts.scale < 1:
+        raise ConfigError(f"{where} scale: must be a positive integer, got {opts.scale}")
+    if "type" not in opts.network_g:
+        raise ConfigError(f"{where} network_g.type: required key is missing")
+    upscale = opts.network_g.get("upscale")
+    if upscale is not None and upscale != opts.scale:
+        raise ConfigError(f"{where} network_g.upscale: {upscale} differs from scale {opts.scale}")
+    if opts.num_threads < 0:
+        raise ConfigError(f"{where} num_threads: must be >= 0 (0: torch's default), got {opts.num_threads}")
 
 
 QuantTarget = Literal["Linear", "Conv2d", "MatMul"]
@@ -316,8 +326,7 @@ class TrainOptions:
     manual_seed: int = 0
 
     def validate(self, where: str) -> None:
-        if "type" not in self.network_g:
-            raise ConfigError(f"{where} network_g.type: required key is missing")
+        check_model_options(self, where)
         if self.method in ("oaq", "condiquant_oaq") and self.quant.a_quantizer != "dual_region":
             raise ConfigError(f"{where} quant.a_quantizer: method {self.method} needs 'dual_region'")
 
@@ -330,6 +339,7 @@ class VariantOptions:
     train_opt: Optional[str] = None  # None: the table's train_opt
     overrides: Dict[str, Any] = field(default_factory=dict)  # ``key.path: value``, after the table's
     bits: Optional[List[int]] = None  # the bit-widths of the table this row is run at; None = all
+    seeds: Optional[List[int]] = None  # this row's seeds instead of the table's (e.g. 5 where the spread is studied)
 
 
 @dataclass

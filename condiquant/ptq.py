@@ -18,11 +18,12 @@ from condiquant.data.calib import CalibrationImages
 from condiquant.methods import METHODS
 from condiquant.methods.context import PTQContext
 from condiquant.engine.loop import latest_state, validation_psnr
-from condiquant.engine.state import check_resume_options, options_record, read_state
+from condiquant.engine.state import atomic_write_text, check_resume_options, options_record, read_state
+from condiquant.quant.attach import named_quantizers
 from condiquant.options import QuantOptions, TrainOptions
 from condiquant.quant.checkpoint import save_quantized
 from condiquant.quant.presets import resolve_placement
-from condiquant.runtime import configure, fresh_dir, setup_logger, timestamp
+from condiquant.runtime import archive, configure, fresh_dir, setup_logger, timestamp
 
 
 def _resume_path(opts: TrainOptions, exp_dir: Path, source: str) -> Optional[Path]:
@@ -80,11 +81,14 @@ def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     resolved = resolve_options(opts, source)
     quant = resolved.quant
     calib = calibration_images(opts, source)
+    calib.check()
     exp_dir = Path("experiments") / opts.name
     resume = _resume_path(opts, exp_dir, source)
     if resume is not None:  # before anything is written: a refused resume leaves the folder as it was
         check_resume_options(read_state(resume).get("options"), options_record(resolved), resume)
     archived = fresh_dir(exp_dir) if resume is None else None
+    if resume is None:  # the TensorBoard curves of the previous run go with its folder's archive
+        archive(Path("tb_logger") / opts.name)
     logger = setup_logger(exp_dir / f"train_{opts.name}_{timestamp()}.log")
     if archived:
         logger.info("archived the previous %s as %s", exp_dir, archived)
@@ -101,11 +105,16 @@ def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     seconds = time.perf_counter() - tic
     final = exp_dir / "models" / "net_q_latest.pth"
     save_quantized(final, model, opts.network_g, quant)
-    summary = {"method": opts.method, "seconds": seconds, **ctx.summary, "fp_val_psnr": validation_psnr(fp, ctx),
-               "val_psnr": validation_psnr(model, ctx)}
+    # seconds: the whole method, a resumed run's earlier part included
+    summary = {"method": opts.method, **ctx.summary,
+               "seconds": seconds + ctx.summary.get("seconds_before_resume", 0.0),
+               "fp_val_psnr": validation_psnr(fp, ctx), "val_psnr": validation_psnr(model, ctx)}
     summary.setdefault("val_psnr_iter0", summary["val_psnr"])  # untrained methods: the bounds are the start
-    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    logger.info("%s done in %.1f s; calibration-validation PSNR: FP %.3f dB, quantized %.3f dB", opts.method,
-                seconds, summary["fp_val_psnr"], summary["val_psnr"])
-    logger.info("quantized checkpoint: %s", final)
+    atomic_write_text(exp_dir / "summary.json", json.dumps(summary, indent=1))
+    n_quant = sum(1 for _ in named_quantizers(model))
+    logger.info("%s W%dA%d (%d quantizers) done in %.1f s; calibration-validation PSNR: FP %.3f dB, quantized "
+                "%.3f dB (before training %.3f dB)", opts.method, quant.w_bit, quant.a_bit, n_quant,
+                summary["seconds"], summary["fp_val_psnr"], summary["val_psnr"], summary["val_psnr_iter0"])
+    logger.info("quantized checkpoint: %s\nscore it: python test.py -opt options/test/<arch>_x%d.yml --set "
+                "path.pretrain_network_g=%s", final, opts.scale, final)
     return final

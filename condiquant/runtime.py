@@ -40,16 +40,28 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S")
 
 
-def fresh_dir(path: Path) -> Optional[Path]:
-    """Create ``path``; an existing one is first renamed ``<path>_archived_<time>`` (returned), never overwritten."""
-    archived = None
-    if path.exists():
-        archived = path.with_name(f"{path.name}_archived_{timestamp()}")
-        n = 1
-        while archived.exists():  # two runs within one second
-            archived, n = path.with_name(f"{path.name}_archived_{timestamp()}_{n}"), n + 1
+def archive(path: Path) -> Optional[Path]:
+    """Rename an existing ``path`` to ``<path>_archived_<time>`` (returned); nothing is ever overwritten."""
+    if not path.exists():
+        return None
+    archived = path.with_name(f"{path.name}_archived_{timestamp()}")
+    n = 1
+    while archived.exists():  # two runs within one second
+        archived, n = path.with_name(f"{path.name}_archived_{timestamp()}_{n}"), n + 1
+    try:
         path.rename(archived)
-    path.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot archive the previous run ({exc.strerror})") from None
+    return archived
+
+
+def fresh_dir(path: Path) -> Optional[Path]:
+    """Create ``path``; an existing one is first archived (returned). An unwritable parent is a ConfigError."""
+    archived = archive(path)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create the output folder ({exc.strerror})") from None
     return archived
 
 

@@ -96,6 +96,8 @@ def run_test(opts: TestOptions, source: str, command: str = "") -> List[DatasetS
     # Build everything that can fail on bad input before anything is written.
     model = build_model(opts, source, device)
     datasets = [PairedImageFolder(d, opts.scale, f"{source} datasets.{key}") for key, d in opts.datasets.items()]
+    for data in datasets:
+        data.check()
     out_dir = Path("results") / opts.name
     archived = fresh_dir(out_dir)
     logger = setup_logger(out_dir / f"test_{opts.name}_{timestamp()}.log")

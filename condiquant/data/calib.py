@@ -56,13 +56,21 @@ class CalibrationImages:
         if hr_path not in self._lr_cache:
             hr = modcrop(read_image(hr_path), self.scale)
             lr_path = self._lr_path(hr_path)
-            if lr_path.is_file():
-                lr = read_image(lr_path)
-            else:
+            try:
+                lr = read_image(lr_path) if lr_path.is_file() else None
+            except ConfigError:  # a corrupt cache file (the HR itself was read fine above)
+                lr = None
+            expected = (hr.shape[0] // self.scale, hr.shape[1] // self.scale)
+            if lr is None or lr.shape[:2] != expected:  # missing, or a stale cache of another HR: make it anew
                 lr = imresize_uint8(hr, 1.0 / self.scale)
                 write_image(lr_path, lr)
             self._lr_cache[hr_path] = (lr, hr)
         return self._lr_cache[hr_path]
+
+    def check(self) -> None:
+        """Read (and cache) every image and its LR once: a corrupt file fails before anything is written."""
+        for path in self.train_paths + self.val_paths:
+            self.pair(path)
 
     def _eligible(self, paths: Sequence[Path], patch: int, split: str) -> List[Path]:
         ok = [p for p in paths if min(self.pair(p)[0].shape[:2]) >= patch]

@@ -85,6 +85,11 @@ class PairedImageFolder:
     def __len__(self) -> int:
         return len(self.gt_paths)
 
+    def check(self) -> None:
+        """Read every pair once (corrupt files, LR/HR size mismatches): callers do this before writing anything."""
+        for i in range(len(self)):
+            self[i]
+
     def __getitem__(self, i: int) -> ImagePair:
         gt_path = self.gt_paths[i]
         lq_path = self._find_lq(gt_path)

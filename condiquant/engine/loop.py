@@ -167,6 +167,7 @@ def train_loop(model: nn.Module, ctx: PTQContext, opt: LoopOptions, phase: Phase
     writer = SummaryWriter(str(Path("tb_logger") / ctx.opts.name))
     r = ctx.input_range
     tic = time.perf_counter()
+    before = ctx.summary.get("seconds_before_resume", 0.0)
     model.train(False)  # BatchNorm/Dropout stay in inference mode; only quantizer parameters learn
     for it in tqdm(range(start + 1, opt.total_iter + 1), initial=start, total=opt.total_iter, desc=desc):
         g = phase.active(it)
@@ -199,6 +200,7 @@ def train_loop(model: nn.Module, ctx: PTQContext, opt: LoopOptions, phase: Phase
         if it % opt.save_checkpoint_freq == 0 or it == opt.total_iter:
             with ema.applied() if ema is not None else _nothing():
                 save_quantized(ctx.exp_dir / "models" / f"net_q_{it}.pth", model, ctx.opts.network_g, ctx.quant)
+            ctx.summary["loop_seconds"] = before + time.perf_counter() - tic
             _save_state(ctx, it, model, optimizers, ema, rng, best, record)
     writer.close()
     for p in params:
@@ -245,5 +247,6 @@ def _load_state(path: Path, model: nn.Module, optimizers, ema: Optional[_EMA],
             dst.copy_(src)
     rng.bit_generator.state = state["rng"]
     ctx.summary.update(state.get("summary", {}))
+    ctx.summary["seconds_before_resume"] = ctx.summary.get("loop_seconds", 0.0)
     ctx.logger.info("resumed from %s at iteration %d", path, state["iter"])
     return state["iter"], tuple(state["best"])

@@ -24,9 +24,16 @@ def save_quantized(path: Path, model: nn.Module, network_g: Dict[str, Any], quan
     tmp.replace(path)
 
 
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, foreign or not a torch file
+        raise ConfigError(f"{path}: not a readable torch checkpoint ({type(exc).__name__})") from None
+
+
 def quant_options_of(path: Path) -> Optional[QuantOptions]:
     """The checkpoint's quantization options, or None for a float checkpoint."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = _load(path)
     if not isinstance(ckpt, dict) or "quant" not in ckpt:
         return None
     return from_dict(QuantOptions, ckpt["quant"], f"{path}: quant")
@@ -34,7 +41,7 @@ def quant_options_of(path: Path) -> Optional[QuantOptions]:
 
 def build_quantized(path: Path, network_g: Dict[str, Any], where: str) -> nn.Module:
     """Rebuild the quantized model stored at ``path``; ``network_g`` (from the test YAML) must match it."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = _load(path)
     if dict(ckpt["network_g"]) != dict(network_g):
         raise ConfigError(f"{where} network_g: differs from the quantized checkpoint {path} "
                           f"({ckpt['network_g']})")
