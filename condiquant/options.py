@@ -181,6 +181,9 @@ class LoopOptions:
     # absolute: one Adam lr for every bound (the papers); range: each element's step is scaled by its quantizer's
     # initial range (u - l), i.e. Adam on bounds in units of their range (lr then is a fraction of the range)
     lr_scale: Literal["absolute", "range"] = "absolute"
+    # lr of the activation quantizers' parameters, if not ``lr`` (with lr_scale: range the paper's absolute lr on
+    # IMDN's scales amounts to ~2e-2 of a weight range and ~4e-3 of an activation range per step)
+    act_lr: Optional[float] = None
     warmup_iter: int = 0  # linear lr warm-up
     ema_decay: float = 0.0  # > 0: validate, checkpoint and keep the exponential moving average of the parameters
     augment: bool = True

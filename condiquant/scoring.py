@@ -17,8 +17,10 @@ from condiquant import metrics
 from condiquant.archs import build_network, load_pretrained
 from condiquant.config import to_dict
 from condiquant.data.paired import PairedImageFolder, write_image
+from condiquant.deploy.packed import load_packed
 from condiquant.inference import super_resolve
 from condiquant.options import TestOptions, ValOptions
+from condiquant.quant.attach import freeze_weights
 from condiquant.quant.checkpoint import build_quantized, quant_options_of
 from condiquant.runtime import configure, fresh_dir, setup_logger, timestamp
 
@@ -70,8 +72,10 @@ def score_dataset(model: nn.Module, data: PairedImageFolder, scale: int, val: Va
 def build_model(opts: TestOptions, source: str, device: torch.device) -> nn.Module:
     """The FP network with its weights, or the quantized one when the checkpoint holds quantizer bounds."""
     path = opts.path.pretrain_network_g
+    if path and Path(path).suffix == ".cqpack" and Path(path).is_file():  # scripts/export.py --format packed
+        return freeze_weights(load_packed(Path(path), opts.network_g, f"{source} network_g").eval().to(device))
     if path and Path(path).is_file() and quant_options_of(Path(path)) is not None:
-        return build_quantized(Path(path), opts.network_g, source).eval().to(device)
+        return freeze_weights(build_quantized(Path(path), opts.network_g, source).eval().to(device))
     model = build_network(opts.network_g, f"{source} network_g")
     if path:
         load_pretrained(model, path, opts.path.param_key_g, opts.path.strict_load_g)

@@ -66,10 +66,10 @@ def validation_psnr(model: nn.Module, ctx: PTQContext) -> float:
     return float(np.mean(scores))
 
 
-class RangeAdam(torch.optim.Adam):
-    """Adam whose step for each element is multiplied by a fixed ``scale`` tensor (the element's initial range):
-    the same as Adam on the bounds expressed in units of their initial range, without changing the parameters
-    the model and its checkpoints hold."""
+class ScaledAdam(torch.optim.Adam):
+    """Adam whose step for each element is multiplied by a fixed ``scale`` tensor (e.g. the element's initial
+    range: then it is Adam on the bounds in units of their range), without changing the parameters the model and
+    its checkpoints hold."""
 
     def __init__(self, params: Sequence[nn.Parameter], scales: Sequence[torch.Tensor], **kwargs):
         super().__init__(params, **kwargs)
@@ -85,8 +85,8 @@ class RangeAdam(torch.optim.Adam):
         return loss
 
 
-def range_scales(params: Sequence[nn.Parameter], ranges: Dict[int, torch.Tensor]) -> List[torch.Tensor]:
-    return [ranges[id(p)].expand_as(p).clone() for p in params]
+def _scales(params: Sequence[nn.Parameter], scales: Dict[int, torch.Tensor]) -> List[torch.Tensor]:
+    return [scales[id(p)].expand_as(p).clone() for p in params]
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Phase:
     factor on ``lr`` of group g at iteration it (1-based)."""
 
     groups: List[List[nn.Parameter]]
-    ranges: Dict[int, torch.Tensor]  # id(param) -> initial range of its quantizer (for lr_scale: range)
+    scales: Dict[int, torch.Tensor]  # id(param) -> per-element step factor (quant.attach.step_scales)
     active: Callable[[int], int]
     lr_factor: Callable[[int, int], float]
     labels: Sequence[str] = ("bounds",)
@@ -149,8 +149,9 @@ def train_loop(model: nn.Module, ctx: PTQContext, opt: LoopOptions, phase: Phase
     for p in model.parameters():
         p.requires_grad_(False)
     kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=1e-8, weight_decay=0.0)
-    optimizers = [RangeAdam(g, range_scales(g, phase.ranges), **kwargs) if opt.lr_scale == "range"
-                  else torch.optim.Adam(g, **kwargs) for g in phase.groups]
+    plain = opt.lr_scale == "absolute" and opt.act_lr is None  # every factor 1: Adam itself, to the last bit
+    optimizers = [torch.optim.Adam(g, **kwargs) if plain else ScaledAdam(g, _scales(g, phase.scales), **kwargs)
+                  for g in phase.groups]
     ema = _EMA(params, opt.ema_decay) if opt.ema_decay > 0 else None
     rng = np.random.default_rng(ctx.opts.manual_seed + 1)
     record = options_record(ctx.opts)  # run_train has checked a resumed state against it
@@ -227,7 +228,7 @@ def _nothing() -> Iterator[None]:
 def _save_state(ctx: PTQContext, it: int, model: nn.Module, optimizers, ema: Optional[_EMA],
                 rng: np.random.Generator, best: Best, record: dict) -> None:
     state = {"params": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-             # range units come from the initial bounds, which a resumed run no longer has
+             # step factors come from the initial bounds, which a resumed run no longer has
              "scales": [getattr(o, "_scales", None) for o in optimizers], "ema": ema.shadow if ema is not None else None,
              "rng": rng.bit_generator.state, "iter": it, "best": list(best), "options": record,
              "summary": dict(ctx.summary)}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from condiquant.engine.loop import Phase, capture, train_loop, warmup_cosine
 from condiquant.methods.context import PTQContext
-from condiquant.quant.attach import bound_parameters, bound_ranges
+from condiquant.quant.attach import bound_parameters, step_scales
 
 
 def _normalised(f: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,8 @@ def distill(model: nn.Module, ctx: PTQContext) -> nn.Module:
     opt = ctx.opts.dqc
     teacher, r = ctx.fp_model, ctx.input_range
     patterns = ctx.quant.placement.feature_modules
-    phase = Phase([bound_parameters(model)], bound_ranges(model), active=lambda it: 0,
+    scales = step_scales(model, opt.lr_scale, (opt.act_lr or opt.lr) / opt.lr)
+    phase = Phase([bound_parameters(model)], scales, active=lambda it: 0,
                   lr_factor=warmup_cosine(opt, opt.scheduler == "cosine"))
     with capture(teacher, patterns) as t_feats, capture(model, patterns) as s_feats:
         def loss_fn(lq: torch.Tensor):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from condiquant.engine.loop import Phase, capture, train_loop
 from condiquant.methods.condiquant import conditioned_quantized
 from condiquant.methods.context import PTQContext
-from condiquant.quant.attach import bound_ranges, named_quantizers, select_modules, weight_quantizer_inputs
+from condiquant.quant.attach import named_quantizers, select_modules, step_scales, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionQuantizer
 from condiquant.quant.patterns import matches
 
@@ -112,7 +112,8 @@ def saft(model: nn.Module, ctx: PTQContext) -> nn.Module:
     ctx.logger.info("SAFT sensitivity: %s", ", ".join(f"{n} {s:.4f}" for n, s in sensitivity.items()))
     groups = parameter_groups(model)
     ipe = opt.total_iter // opt.epochs
-    phase = Phase(groups, bound_ranges(model), active=lambda it: ((it - 1) // ipe) % len(groups),
+    scales = step_scales(model, opt.lr_scale, (opt.act_lr or opt.lr) / opt.lr)
+    phase = Phase(groups, scales, active=lambda it: ((it - 1) // ipe) % len(groups),
                   lr_factor=_epoch_lr(opt.gamma, ipe, len(groups)), labels=GROUPS)
     with capture(teacher, patterns) as t_feats, capture(model, patterns) as s_feats:
         def loss_fn(lq: torch.Tensor):

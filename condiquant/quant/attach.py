@@ -106,15 +106,33 @@ def bound_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for _, q in named_quantizers(model) for p in q.parameters()]
 
 
-def bound_ranges(model: nn.Module) -> Dict[int, torch.Tensor]:
-    """id(parameter) -> the current range (u - l) of its quantizer, per channel where the bounds are: the unit of
-    range-relative bound steps (``lr_scale: range``)."""
-    ranges: Dict[int, torch.Tensor] = {}
-    for _, q in named_quantizers(model):
-        r = (q.upper - q.lower).detach().abs()
+def step_scales(model: nn.Module, lr_scale: str, act_factor: float) -> Dict[int, torch.Tensor]:
+    """id(parameter) -> factor on the optimizer's step for each element: its quantizer's current range (u - l),
+    per channel where the bounds are, for ``lr_scale: range`` (else 1), times ``act_factor`` for the parameters
+    of activation quantizers."""
+    weights = {name for name, _, _ in weight_quantizer_inputs(model)}
+    scales: Dict[int, torch.Tensor] = {}
+    for name, q in named_quantizers(model):
+        r = (q.upper - q.lower).detach().abs() if lr_scale == "range" else torch.ones_like(q.lower.detach())
+        r = r * (1.0 if name in weights else act_factor)
         for p in q.parameters():
-            ranges[id(p)] = r if p.shape == r.shape else r.max().reshape(p.shape)
-    return ranges
+            scales[id(p)] = r if p.shape == r.shape else r.max().reshape(p.shape)
+    return scales
+
+
+@torch.no_grad()
+def freeze_weights(model: nn.Module) -> nn.Module:
+    """Inference: store every quantized weight on its grid once and switch its weight quantizers off, so a forward
+    no longer re-quantizes constant weights. Outputs are bit-identical (the layer convolves the same tensor)."""
+    for _, module in quant_modules(model):
+        qs = getattr(module, "weight_quantizers", None)
+        if not qs or not all(bool(q.initialized) and q.enabled for q in qs):
+            continue
+        chunks = module.weight.chunk(len(qs), dim=0)
+        module.weight.copy_(torch.cat([q(w) for q, w in zip(qs, chunks)], dim=0))
+        for q in qs:
+            q.enabled = False
+    return model
 
 
 def set_quant_enabled(model: nn.Module, enabled: bool) -> None:

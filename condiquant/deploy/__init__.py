@@ -1,0 +1,1 @@
+"""Deployment: packed low-bit checkpoints (``packed.py``) and integer inference through ONNX Runtime."""
