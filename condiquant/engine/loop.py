@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,10 +29,12 @@ from tqdm import tqdm
 from condiquant import metrics
 from condiquant.engine.state import atomic_torch_save, options_record, read_state
 from condiquant.scoring import to_uint8
-from condiquant.methods.context import PTQContext
 from condiquant.options import LoopOptions
 from condiquant.quant.checkpoint import save_quantized
 from condiquant.quant.patterns import matches
+
+if TYPE_CHECKING:  # the methods package imports this module
+    from condiquant.methods.context import PTQContext
 
 # (loss, scalars to log) for one batch of LR crops already scaled to the model's input range
 LossFn = Callable[[torch.Tensor], Tuple[torch.Tensor, Dict[str, float]]]
