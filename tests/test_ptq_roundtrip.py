@@ -187,3 +187,18 @@ def test_dqc_feature_norms_are_detached():
     # d/ds of ||s/c - t_n|| / n with the norm c held constant
     expected = (diff / diff.norm(dim=1, keepdim=True) / norm / s_flat.shape[1] / 2).view_as(s["b"])
     torch.testing.assert_close(s["b"].grad, expected)
+
+
+def test_scaled_adam_multiplies_each_elements_step():
+    from condiquant.engine.loop import ScaledAdam
+
+    p1, p2 = torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    plain = torch.optim.Adam([p1], lr=0.1)
+    scaled = ScaledAdam([p2], [torch.tensor([1.0, 3.0])], lr=0.1)
+    for _ in range(3):
+        for p, o in ((p1, plain), (p2, scaled)):
+            o.zero_grad()
+            (p * torch.tensor([1.0, -2.0])).sum().backward()
+            o.step()
+    steps1, steps2 = p1.detach() - torch.tensor([1.0, 2.0]), p2.detach() - torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(steps2, steps1 * torch.tensor([1.0, 3.0]))
