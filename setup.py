@@ -15,5 +15,6 @@ setup(
     package_data={"condiquant": ["*.yml"]},
     python_requires=">=3.9",
     install_requires=[r for r in requirements if r],
-    extras_require={"test": ["pytest>=7", "scikit-image>=0.21", "scipy>=1.10"]},
+    extras_require={"test": ["pytest>=7", "scikit-image>=0.21", "scipy>=1.10"],
+                    "deploy": ["onnx>=1.16", "onnxruntime>=1.18"]},
 )

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from condiquant import metrics
 from condiquant.archs import build_network, load_pretrained
-from condiquant.config import to_dict
+from condiquant.config import ConfigError, to_dict
 from condiquant.data.paired import PairedImageFolder, write_image
 from condiquant.deploy.packed import load_packed
 from condiquant.inference import super_resolve
@@ -71,6 +71,15 @@ def score_dataset(model: nn.Module, data: PairedImageFolder, scale: int, val: Va
 
 def build_model(opts: TestOptions, source: str, device: torch.device) -> nn.Module:
     """The FP network with its weights, or the quantized one when the checkpoint holds quantizer bounds."""
+    if opts.network_g.get("type") == "onnx":  # an exported integer model (scripts/export.py --format onnx)
+        from condiquant.deploy.onnx_runtime import OnnxSR
+
+        if "path" not in opts.network_g:
+            raise ConfigError(f"{source} network_g.path: an onnx network needs the .onnx file")
+        model = OnnxSR(opts.network_g["path"], opts.num_threads)
+        if model.scale != opts.scale:
+            raise ConfigError(f"{source} scale: {opts.scale}, but {opts.network_g['path']} is x{model.scale}")
+        return model
     path = opts.path.pretrain_network_g
     if path and Path(path).suffix == ".cqpack" and Path(path).is_file():  # scripts/export.py --format packed
         return freeze_weights(load_packed(Path(path), opts.network_g, f"{source} network_g").eval().to(device))

@@ -4,6 +4,11 @@
     python scripts/export.py -opt options/train/EMT_x4_2dquant.yml [--set ...] [--format packed] [--out FILE]
     python scripts/export.py --checkpoint experiments/<name>/models/net_q_latest.pth --format packed
 
+``onnx``: QuantizeLinear/DequantizeLinear graph for ONNX Runtime's integer kernels (``condiquant/deploy/
+onnx_export.py``; zero points aligned to the integer grid first, ``--tile`` for window-attention archs); prints
+the op types ONNX Runtime executes after its optimisations. Score it with test.py:
+``network_g: {type: onnx, path: FILE}``.
+
 ``packed``: quantized weights as bit-packed b-bit integer codes plus their (l, u) per tensor or channel, the rest
 FP32 (``condiquant/deploy/packed.py``); ``test.py`` scores the file like any checkpoint
 (``path.pretrain_network_g: ....cqpack``) with outputs bit-identical to the fake-quant checkpoint. Prints the file
@@ -41,7 +46,17 @@ def main(args: argparse.Namespace) -> dict:
     raw = _load(ckpt)
     if not isinstance(raw, dict) or "quant" not in raw:
         raise ConfigError(f"{ckpt}: not a quantized checkpoint (no 'quant' entry)")
-    model = build_quantized(ckpt, raw["network_g"], str(ckpt))
+    model = build_quantized(ckpt, raw["network_g"], str(ckpt)).eval()
+    if args.format == "onnx":
+        from condiquant.deploy.onnx_export import align_zero_points, export_onnx
+        from condiquant.deploy.onnx_runtime import optimized_ops
+
+        out = Path(args.out) if args.out else ckpt.with_suffix(".onnx")
+        export_onnx(align_zero_points(model), out, int(raw["network_g"].get("upscale", 0)) or args.scale, args.tile)
+        report = {"checkpoint": str(ckpt), "onnx": str(out), "bytes": out.stat().st_size, "tile": args.tile,
+                  "optimized_ops": optimized_ops(out)}
+        print(json.dumps(report, indent=1))
+        return report
     out = Path(args.out) if args.out else ckpt.with_suffix(".cqpack")
     size = save_packed(out, model, raw["network_g"], from_dict(QuantOptions, raw["quant"], f"{ckpt}: quant"))
     report = {"checkpoint": str(ckpt), "packed": str(out), "packed_bytes": size.file_bytes,
@@ -56,6 +71,8 @@ if __name__ == "__main__":
     parser.add_argument("-opt")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--checkpoint")
-    parser.add_argument("--format", choices=["packed"], default="packed")
+    parser.add_argument("--format", choices=["packed", "onnx"], default="packed")
+    parser.add_argument("--tile", type=int, default=None, help="onnx: fixed LR tile (needed for EMT / SwinIR)")
+    parser.add_argument("--scale", type=int, default=0, help="onnx: the scale, if network_g has no upscale")
     parser.add_argument("--out")
     raise SystemExit(run_cli(lambda: main(parser.parse_args())))

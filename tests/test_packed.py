@@ -76,7 +76,7 @@ def test_export_script_and_test_py_score_the_packed_file_like_the_checkpoint(pro
     assert main_train(["-opt", write_yaml(project, "train.yml", train_options("dobi"))]) == 0
     export = load_script("export")
     import argparse
-    report = export.main(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None))
+    report = export.main(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None, format="packed"))
     assert report["packed_bytes"] < report["fakequant_checkpoint_bytes"] / 3
     scores = {}
     for ckpt in (report["checkpoint"], report["packed"]):

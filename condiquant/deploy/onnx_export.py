@@ -1,0 +1,132 @@
+"""ONNX export of a quantized model as QuantizeLinear / DequantizeLinear pairs, for integer execution in ONNX
+Runtime (which fuses Q/DQ around Conv and MatMul into QLinearConv / QLinearMatMul / MatMulInteger).
+
+Every uniform quantizer becomes a Q/DQ pair on an integer grid: scale s = (u - l) / (2^b - 1) and zero point
+z = round(-l / s) (ONNX needs an integer zero point; our grids start at l, so the exported grid is ours shifted by
+less than s / 2). Activations are uint8 codes (below 8 bits, a Clip to the b-bit range first), weights int8
+codes, per tensor or per output channel as trained. The graph takes and returns images in 0..1 (a model's
+``input_range`` is applied inside). Shapes: ``tile=None`` exports dynamic H and W (works for convolutional
+archs); window-attention archs (EMT, SwinIR) compute their window padding from Python ints, so they are exported
+at a fixed ``tile`` x ``tile`` LR input and :class:`condiquant.deploy.onnx_runtime.OnnxSR` tiles larger images
+outside the graph. Dual-region (OAQ) quantizers have no ONNX integer form: such a model is refused.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from condiquant.config import ConfigError
+from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
+from condiquant.quant.dual_region import DualRegionQuantizer
+from condiquant.quant.quantizer import UniformQuantizer
+
+
+class QDQ(nn.Module):
+    """A trained uniform quantizer as ONNX Q/DQ: ``fake_quantize_*_affine`` exports to QuantizeLinear +
+    DequantizeLinear (opset >= 13)."""
+
+    def __init__(self, q: UniformQuantizer, weight: bool):
+        super().__init__()
+        levels = 2 ** q.n_bits - 1
+        lower, upper = q.lower.detach().float(), q.upper.detach().float()
+        scale = torch.clamp(upper - lower, min=1e-8) / levels
+        zero = torch.clamp(torch.round(-lower / scale), 0, levels)
+        self.per_channel = q.channel_axis is not None
+        self.axis = q.channel_axis or 0
+        self.offset = 128 if weight else 0  # weights as int8 codes (QLinearConv's usual weight type)
+        self.register_buffer("scale", scale if self.per_channel else scale.reshape(()))
+        self.register_buffer("zero", (zero - self.offset).to(torch.int32) if self.per_channel
+                             else (zero - self.offset).reshape(()).to(torch.int32))
+        # the b-bit range inside the 8-bit container; None at 8 bits (the Q op saturates there itself)
+        self.clip = None if q.n_bits == 8 else ((0 - zero) * scale, (levels - zero) * scale)
+        self.qmin, self.qmax = (-128, 127) if weight else (0, 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clip is not None:
+            lo, hi = self.clip
+            shape = [1] * x.dim()
+            if self.per_channel:
+                shape[self.axis] = -1
+            x = torch.minimum(torch.maximum(x, lo.reshape(shape)), hi.reshape(shape))
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero, self.axis, self.qmin, self.qmax)
+        return torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero), self.qmin, self.qmax)
+
+
+class _ImageIO(nn.Module):
+    """0..1 in and out, whatever range the network itself works in."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.r = float(getattr(model, "input_range", 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.r) / self.r
+
+
+@torch.no_grad()
+def align_zero_points(model: nn.Module) -> nn.Module:
+    """Shift every uniform quantizer's (l, u) by less than half a step so that -l / s is an integer: the
+    fake-quant model then computes exactly what its ONNX export computes (in place; returns ``model``)."""
+    for _, q in named_quantizers(model):
+        if isinstance(q, DualRegionQuantizer) or not bool(q.initialized):
+            continue
+        levels = 2 ** q.n_bits - 1
+        width = torch.clamp(q.upper - q.lower, min=1e-8)
+        s = width / levels
+        zero = torch.clamp(torch.round(-q.lower / s), 0, levels)
+        q.lower.copy_(-zero * s)
+        q.upper.copy_(-zero * s + width)
+    return model
+
+
+def to_qdq(model: nn.Module) -> nn.Module:
+    """A copy of the quantized ``model`` whose quantizers are :class:`QDQ` modules (same names)."""
+    quantizers = list(named_quantizers(model))
+    for name, q in quantizers:
+        if isinstance(q, DualRegionQuantizer):
+            raise ConfigError(f"{name}: a dual-region (OAQ) quantizer has no integer ONNX form; export a uniform "
+                              f"model (quant.a_quantizer: uniform)")
+    for name, q in quantizers:
+        if q.enabled and not bool(q.initialized):
+            raise ConfigError(f"{name}: quantizer has no bounds (not calibrated)")
+    out = copy.deepcopy(model).eval()
+    weights = {n for n, _, _ in weight_quantizer_inputs(out)}
+    for name, q in list(named_quantizers(out)):
+        if not q.enabled:  # e.g. weights frozen for scoring: they are quantized already
+            continue
+        parent, _, child = name.rpartition(".")
+        container = out.get_submodule(parent)
+        new = QDQ(q, name in weights)
+        if isinstance(container, nn.ModuleList):
+            container[int(child)] = new
+        else:
+            setattr(container, child, new)
+    return out
+
+
+def export_onnx(model: nn.Module, path: Path, scale: int, tile: Optional[int] = None, opset: int = 17) -> Path:
+    """Write the quantized ``model`` to ``path`` (see the module docstring); returns ``path``."""
+    import onnx
+
+    graph = _ImageIO(to_qdq(model)).eval()
+    side = tile or 32
+    sample = torch.rand(1, 3, side, side)
+    dynamic = None if tile else {"lr": {2: "h", 3: "w"}, "sr": {2: "sh", 3: "sw"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(graph, (sample,), str(path), dynamo=False, opset_version=opset, input_names=["lr"],
+                          output_names=["sr"], dynamic_axes=dynamic, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    meta = {"scale": scale, "tile": tile or 0, "producer": "condiquant"}
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, json.dumps(v)
+    onnx.save(proto, str(path))
+    return path

@@ -1,0 +1,84 @@
+"""ONNX export with QuantizeLinear/DequantizeLinear: tiny IMDN (dynamic H, W) and tiny EMT (window attention, fixed
+tile, tiled outside the graph) run in ONNX Runtime, match the fake-quant model, and execute integer kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_packed import EMT, IMDN, quantized
+
+from condiquant.deploy.onnx_export import align_zero_points, export_onnx, to_qdq
+from condiquant.deploy.onnx_runtime import OnnxSR, optimized_ops
+
+pytest.importorskip("onnxruntime", reason="the [deploy] extra (onnx, onnxruntime) is not installed")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_imdn_export_is_dynamic_and_equals_the_aligned_fake_quant_model(tmp_path, bits):
+    model, _, _ = quantized(IMDN, bits, "channel")
+    with torch.no_grad():
+        x = torch.rand(1, 3, 14, 19)
+        before = model(x)
+        align_zero_points(model)
+        aligned = model(x)
+    step = max((q.upper - q.lower).max().item() / (2 ** bits - 1) for q in model.modules() if hasattr(q, "n_bits"))
+    assert (aligned - before).abs().max() <= 8 * step  # the shift is below half a step of every grid
+    sr = OnnxSR(export_onnx(model, tmp_path / "imdn.onnx", scale=2))
+    for shape in ((1, 3, 14, 19), (1, 3, 23, 17)):  # any size
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            diff = (sr(x) - model(x)).abs()
+        # the same grids: only float rounding of values at half-steps can differ, by one step there
+        assert diff.max() < 1 / 255 and (diff > 1e-5).float().mean() < 0.1
+
+
+def test_emt_exports_at_a_fixed_tile_and_runs_integer_matmuls(tmp_path):
+    model, _, _ = quantized(EMT, 8, "channel")
+    align_zero_points(model)
+    path = export_onnx(model, tmp_path / "emt.onnx", scale=2, tile=16)
+    ops = optimized_ops(path)
+    assert ops.get("MatMulIntegerToFloat", 0) + ops.get("QLinearMatMul", 0) > 0, ops
+    sr = OnnxSR(path)
+    x = torch.rand(1, 3, 16, 16)
+    r = model.input_range
+    with torch.no_grad():
+        torch.testing.assert_close(sr(x), to_qdq(model)(x * r) / r, atol=1e-5, rtol=0)
+        assert (sr(x) - model(x * r) / r).abs().max() < 0.02
+    assert sr(torch.rand(1, 3, 21, 30)).shape == (1, 3, 42, 60)  # larger than a tile: tiled outside the graph
+
+
+def test_dual_region_model_is_refused(tmp_path):
+    from condiquant.archs import build_network
+    from condiquant.config import ConfigError
+    from condiquant.options import QuantOptions
+    from condiquant.quant.attach import attach_quantizers
+    from condiquant.quant.presets import resolve_placement
+
+    model = build_network(IMDN)
+    quant = QuantOptions(w_bit=4, a_bit=4, a_quantizer="dual_region")
+    quant.placement = resolve_placement("IMDN", quant.placement, "p")
+    attach_quantizers(model, quant)
+    with pytest.raises(ConfigError, match="dual-region"):
+        to_qdq(model)
+
+
+def test_export_script_and_test_py_score_the_onnx_model(project):
+    import argparse
+    import json
+
+    from conftest import NET, load_script, train_options, write_yaml
+
+    from condiquant.cli import main_test, main_train
+
+    opts = train_options("dobi")
+    opts["quant"] = {"w_bit": 8, "a_bit": 8}
+    assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 0
+    report = load_script("export").main(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None,
+                                                           format="onnx", tile=None, scale=0))
+    scores = {}
+    for name, net, ckpt in (("fq", NET, report["checkpoint"]), ("onnx", {"type": "onnx", "path": report["onnx"]},
+                                                                  None)):
+        test = {"name": name, "scale": 2, "network_g": net, "path": {"pretrain_network_g": ckpt},
+                "datasets": {"t": {"name": "Bench", "dataroot_gt": "bench/HR"}}}
+        assert main_test(["-opt", write_yaml(project, "test.yml", test)]) == 0
+        scores[name] = json.loads((project / "results" / name / "metrics.json").read_text())["datasets"]["Bench"]
+    assert abs(scores["onnx"]["psnr"] - scores["fq"]["psnr"]) < 0.05
