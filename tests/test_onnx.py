@@ -82,3 +82,19 @@ def test_export_script_and_test_py_score_the_onnx_model(project):
         assert main_test(["-opt", write_yaml(project, "test.yml", test)]) == 0
         scores[name] = json.loads((project / "results" / name / "metrics.json").read_text())["datasets"]["Bench"]
     assert abs(scores["onnx"]["psnr"] - scores["fq"]["psnr"]) < 0.05
+
+
+def test_infer_onnx_writes_one_image_per_input(tmp_path):
+    import argparse
+
+    from conftest import load_script
+
+    from condiquant.data.paired import read_image, write_image
+
+    model, _, _ = quantized(IMDN, 8, "tensor")
+    path = export_onnx(align_zero_points(model), tmp_path / "m.onnx", scale=2)
+    for i in range(2):
+        write_image(tmp_path / "in" / f"a{i}.png", (torch.rand(10 + i, 12, 3) * 255).byte().numpy())
+    load_script("infer_onnx").main(argparse.Namespace(model=str(path), input=str(tmp_path / "in"),
+                                                      output=str(tmp_path / "out"), threads=1))
+    assert [read_image(tmp_path / "out" / f"a{i}.png").shape for i in range(2)] == [(20, 24, 3), (22, 24, 3)]
