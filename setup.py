@@ -15,6 +15,11 @@ setup(
     package_data={"condiquant": ["*.yml"]},
     python_requires=">=3.9",
     install_requires=[r for r in requirements if r],
+    entry_points={"console_scripts": [
+        "condiquant-train=condiquant.cli:main_train", "condiquant-test=condiquant.cli:main_test",
+        "condiquant-reproduce=condiquant.cli:main_reproduce", "condiquant-quickstart=condiquant.cli:main_quickstart",
+        "condiquant-export=condiquant.cli:main_export", "condiquant-infer-onnx=condiquant.cli:main_infer_onnx",
+        "condiquant-compare=condiquant.cli:main_compare"]},
     extras_require={"test": ["pytest>=7", "scikit-image>=0.21", "scipy>=1.10"],
                     "deploy": ["onnx>=1.16", "onnxruntime>=1.18"]},
 )

@@ -32,13 +32,12 @@ from typing import Any, Dict, List
 import numpy as np
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.engine.loop import validation_psnr  # noqa: E402
-from condiquant.options import ConditioningOptions, TrainOptions  # noqa: E402
-from condiquant.ptq import validation_context  # noqa: E402
-from condiquant.transforms.conditioning import condition_layers, conditioning_layers, gather_inputs  # noqa: E402
+from condiquant.config import apply_overrides, from_dict, load_yaml
+from condiquant.engine.loop import validation_psnr
+from condiquant.options import ConditioningOptions, TrainOptions
+from condiquant.ptq import validation_context
+from condiquant.transforms.conditioning import condition_layers, conditioning_layers, gather_inputs
 
 
 def layer_sets(model: nn.Module, layers: Dict[str, int], wanted: List[str]) -> Dict[str, Dict[str, int]]:

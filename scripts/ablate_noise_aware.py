@@ -28,14 +28,13 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.engine.loop import validation_psnr  # noqa: E402
-from condiquant.options import NoiseAwareOptions, TrainOptions  # noqa: E402
-from condiquant.ptq import validation_context  # noqa: E402
-from condiquant.transforms.conditioning import conditioning_layers  # noqa: E402
-from condiquant.transforms.noise_aware import (collect_cross_grams, correct_layers, correct_model,  # noqa: E402
+from condiquant.config import apply_overrides, from_dict, load_yaml
+from condiquant.engine.loop import validation_psnr
+from condiquant.options import NoiseAwareOptions, TrainOptions
+from condiquant.ptq import validation_context
+from condiquant.transforms.conditioning import conditioning_layers
+from condiquant.transforms.noise_aware import (collect_cross_grams, correct_layers, correct_model,
                                                skipped_layers)
 
 

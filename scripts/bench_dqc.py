@@ -20,14 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.options import TrainOptions  # noqa: E402
-from condiquant.ptq import calibration_images, load_fp_model, resolved_quant  # noqa: E402
-from condiquant.quant.attach import attach_quantizers, bound_parameters  # noqa: E402
-from condiquant.quant.calibrate import ObserverSpec, init_bounds  # noqa: E402
-from condiquant.runtime import configure  # noqa: E402
+from condiquant.config import apply_overrides, from_dict, load_yaml
+from condiquant.options import TrainOptions
+from condiquant.ptq import calibration_images, load_fp_model, resolved_quant
+from condiquant.quant.attach import attach_quantizers, bound_parameters
+from condiquant.quant.calibrate import ObserverSpec, init_bounds
+from condiquant.runtime import configure
 
 
 def timed(fn, repeats: int) -> float:

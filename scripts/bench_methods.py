@@ -15,11 +15,10 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.cli import run_cli  # noqa: E402
-from condiquant.grid import cell_train_options, load_table  # noqa: E402
-from condiquant.ptq import run_train  # noqa: E402
+from condiquant.cli import run_cli
+from condiquant.grid import cell_train_options, load_table
+from condiquant.ptq import run_train
 
 
 def main(args: argparse.Namespace, command: str) -> None:

@@ -9,11 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.config import from_dict, load_yaml  # noqa: E402
-from condiquant.scoring import load_references  # noqa: E402
-from condiquant.options import TestOptions  # noqa: E402
+from condiquant.config import from_dict, load_yaml
+from condiquant.scoring import load_references
+from condiquant.options import TestOptions
 
 
 def main(out: str, option_files: list) -> None:

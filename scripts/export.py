@@ -14,65 +14,7 @@ FP32 (``condiquant/deploy/packed.py``); ``test.py`` scores the file like any che
 (``path.pretrain_network_g: ....cqpack``) with outputs bit-identical to the fake-quant checkpoint. Prints the file
 size beside its theoretical size, 32 (P - Q) + b Q bits + the scales.
 """
-from __future__ import annotations
-
-import argparse
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from condiquant.cli import run_cli  # noqa: E402
-from condiquant.config import ConfigError, apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.deploy.packed import save_packed  # noqa: E402
-from condiquant.options import QuantOptions, TrainOptions  # noqa: E402
-from condiquant.quant.checkpoint import _load, build_quantized  # noqa: E402
-
-
-def checkpoint_of(args: argparse.Namespace) -> Path:
-    if args.checkpoint:
-        return Path(args.checkpoint)
-    if not args.opt:
-        raise ConfigError("give -opt <train yml> or --checkpoint <net_q_*.pth>")
-    opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
-    return Path("experiments") / opts.name / "models" / "net_q_latest.pth"
-
-
-def main(args: argparse.Namespace) -> dict:
-    ckpt = checkpoint_of(args)
-    if not ckpt.is_file():
-        raise ConfigError(f"{ckpt}: checkpoint not found (run train.py with these options first)")
-    raw = _load(ckpt)
-    if not isinstance(raw, dict) or "quant" not in raw:
-        raise ConfigError(f"{ckpt}: not a quantized checkpoint (no 'quant' entry)")
-    model = build_quantized(ckpt, raw["network_g"], str(ckpt)).eval()
-    if args.format == "onnx":
-        from condiquant.deploy.onnx_export import align_zero_points, export_onnx
-        from condiquant.deploy.onnx_runtime import optimized_ops
-
-        out = Path(args.out) if args.out else ckpt.with_suffix(".onnx")
-        export_onnx(align_zero_points(model), out, int(raw["network_g"].get("upscale", 0)) or args.scale, args.tile)
-        report = {"checkpoint": str(ckpt), "onnx": str(out), "bytes": out.stat().st_size, "tile": args.tile,
-                  "optimized_ops": optimized_ops(out)}
-        print(json.dumps(report, indent=1))
-        return report
-    out = Path(args.out) if args.out else ckpt.with_suffix(".cqpack")
-    size = save_packed(out, model, raw["network_g"], from_dict(QuantOptions, raw["quant"], f"{ckpt}: quant"))
-    report = {"checkpoint": str(ckpt), "packed": str(out), "packed_bytes": size.file_bytes,
-              "theoretical_bytes": size.theoretical_bytes, "overhead": size.overhead, "params": size.params,
-              "quantized_params": size.quantized, "fakequant_checkpoint_bytes": ckpt.stat().st_size}
-    print(json.dumps(report, indent=1))
-    return report
-
+from condiquant.cli import main_export
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("-opt")
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--checkpoint")
-    parser.add_argument("--format", choices=["packed", "onnx"], default="packed")
-    parser.add_argument("--tile", type=int, default=None, help="onnx: fixed LR tile (needed for EMT / SwinIR)")
-    parser.add_argument("--scale", type=int, default=0, help="onnx: the scale, if network_g has no upscale")
-    parser.add_argument("--out")
-    raise SystemExit(run_cli(lambda: main(parser.parse_args())))
+    raise SystemExit(main_export())

@@ -7,43 +7,7 @@ fixed tile), without torch models or condiquant checkpoints.
 
 Writes ``<output>/<stem>.png`` for every image in ``--input``.
 """
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-import torch
-from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from condiquant.cli import run_cli  # noqa: E402
-from condiquant.config import ConfigError  # noqa: E402
-from condiquant.data.paired import list_images, read_image, write_image  # noqa: E402
-from condiquant.deploy.onnx_runtime import OnnxSR  # noqa: E402
-from condiquant.scoring import to_uint8  # noqa: E402
-
-
-def main(args: argparse.Namespace) -> None:
-    model = OnnxSR(args.model, args.threads)
-    folder = Path(args.input)
-    if not folder.is_dir():
-        raise ConfigError(f"--input: folder not found: {folder}")
-    paths = list_images(folder)
-    if not paths:
-        raise ConfigError(f"--input: no images in {folder}")
-    out = Path(args.output)
-    for path in tqdm(paths, desc=f"x{model.scale} ONNX Runtime"):
-        lr = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].contiguous().float().div(255.0)
-        write_image(out / f"{path.stem}.png", to_uint8(model(lr)))
-    print(f"{len(paths)} images -> {out}")
-
+from condiquant.cli import main_infer_onnx
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--input", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    raise SystemExit(run_cli(lambda: main(parser.parse_args())))
+    raise SystemExit(main_infer_onnx())

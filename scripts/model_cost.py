@@ -17,15 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.archs import build_network  # noqa: E402
-from condiquant.cli import run_cli  # noqa: E402
-from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.options import TrainOptions  # noqa: E402
-from condiquant.quant.cost import (KINDS, OpsCost, count_parameters, measure_ops, storage_cost,  # noqa: E402
+from condiquant.archs import build_network
+from condiquant.cli import run_cli
+from condiquant.config import apply_overrides, from_dict, load_yaml
+from condiquant.options import TrainOptions
+from condiquant.quant.cost import (KINDS, OpsCost, count_parameters, measure_ops, storage_cost,
                                    twodquant_ops, twodquant_supported)
-from condiquant.quant.presets import resolve_placement  # noqa: E402
+from condiquant.quant.presets import resolve_placement
 
 
 def _size(bits: int) -> str:

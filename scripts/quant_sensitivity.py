@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.engine.loop import validation_psnr  # noqa: E402
-from condiquant.options import TrainOptions  # noqa: E402
-from condiquant.ptq import validation_context  # noqa: E402
-from condiquant.quant.attach import named_quantizers, quant_modules  # noqa: E402
-from condiquant.runtime import setup_logger  # noqa: E402
+from condiquant.config import apply_overrides, from_dict, load_yaml
+from condiquant.engine.loop import validation_psnr
+from condiquant.options import TrainOptions
+from condiquant.ptq import validation_context
+from condiquant.quant.attach import named_quantizers, quant_modules
+from condiquant.runtime import setup_logger
 
 
 def module_kind(name: str) -> str:

@@ -10,26 +10,7 @@ results/<table>.md/.json.
 cached one (tolerance: the cell's seed std, at least 0.02 dB); results/<table>_check.json. Runs of older code
 that all agree (at least two) are bridged to today's code and reused by the next table run.
 """
-import argparse
-import json
-import shlex
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from condiquant.cli import run_cli  # noqa: E402
-from condiquant.grid import check, run_table  # noqa: E402
+from condiquant.cli import main_reproduce
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("-opt", required=True)
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--check", type=int, default=0, metavar="N", help="re-run N random cached runs and compare")
-    parser.add_argument("--seed", type=int, default=None, help="which runs --check picks (default: random)")
-    args = parser.parse_args()
-    command = " ".join(shlex.quote(a) for a in ["python", "scripts/reproduce.py", *sys.argv[1:]])
-    if args.check:
-        raise SystemExit(run_cli(lambda: print(json.dumps(check(args.opt, args.set, args.check, command, args.seed),
-                                                          indent=1))))
-    raise SystemExit(run_cli(lambda: print(run_table(args.opt, args.set, command).read_text())))
+    raise SystemExit(main_reproduce())

@@ -11,17 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condiquant.cli import run_cli  # noqa: E402
-from condiquant.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from condiquant.engine.loop import validation_psnr  # noqa: E402
-from condiquant.options import TrainOptions  # noqa: E402
-from condiquant.ptq import validation_context  # noqa: E402
-from condiquant.quant.checkpoint import build_quantized  # noqa: E402
+from condiquant.cli import run_cli
+from condiquant.config import apply_overrides, from_dict, load_yaml
+from condiquant.engine.loop import validation_psnr
+from condiquant.options import TrainOptions
+from condiquant.ptq import validation_context
+from condiquant.quant.checkpoint import build_quantized
 
 
 def main(args: argparse.Namespace) -> None:

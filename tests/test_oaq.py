@@ -14,7 +14,6 @@ from condiquant.methods.oaq import layer_input_stds, parameter_groups, sensitivi
 from condiquant.options import QuantOptions
 from condiquant.quant import dual_region
 from condiquant.quant.attach import attach_quantizers, named_quantizers
-from condiquant.quant.checkpoint import build_quantized
 from condiquant.quant.dual_region import DualRegionObserver, DualRegionQuantizer, dual_region_quant
 from condiquant.quant.quantizer import UniformQuantizer
 

@@ -65,15 +65,17 @@ def test_export_script_and_test_py_score_the_onnx_model(project):
     import argparse
     import json
 
-    from conftest import NET, load_script, train_options, write_yaml
+    from conftest import NET, train_options, write_yaml
 
     from condiquant.cli import main_test, main_train
 
     opts = train_options("dobi")
     opts["quant"] = {"w_bit": 8, "a_bit": 8}
     assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 0
-    report = load_script("export").main(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None,
-                                                           format="onnx", tile=None, scale=0))
+    from condiquant.deploy.export import main as export
+
+    report = export(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None, format="onnx", tile=None,
+                                       scale=0))
     scores = {}
     for name, net, ckpt in (("fq", NET, report["checkpoint"]), ("onnx", {"type": "onnx", "path": report["onnx"]},
                                                                   None)):
@@ -87,14 +89,13 @@ def test_export_script_and_test_py_score_the_onnx_model(project):
 def test_infer_onnx_writes_one_image_per_input(tmp_path):
     import argparse
 
-    from conftest import load_script
-
     from condiquant.data.paired import read_image, write_image
+    from condiquant.deploy.infer import main as infer
 
     model, _, _ = quantized(IMDN, 8, "tensor")
     path = export_onnx(align_zero_points(model), tmp_path / "m.onnx", scale=2)
     for i in range(2):
         write_image(tmp_path / "in" / f"a{i}.png", (torch.rand(10 + i, 12, 3) * 255).byte().numpy())
-    load_script("infer_onnx").main(argparse.Namespace(model=str(path), input=str(tmp_path / "in"),
+    infer(argparse.Namespace(model=str(path), input=str(tmp_path / "in"),
                                                       output=str(tmp_path / "out"), threads=1))
     assert [read_image(tmp_path / "out" / f"a{i}.png").shape for i in range(2)] == [(20, 24, 3), (22, 24, 3)]

@@ -69,14 +69,16 @@ def test_frozen_weights_give_the_same_outputs(net):
 def test_export_script_and_test_py_score_the_packed_file_like_the_checkpoint(project):
     import json
 
-    from conftest import NET, load_script, train_options, write_yaml
+    import argparse
+
+    from conftest import NET, train_options, write_yaml
 
     from condiquant.cli import main_test, main_train
 
     assert main_train(["-opt", write_yaml(project, "train.yml", train_options("dobi"))]) == 0
-    export = load_script("export")
-    import argparse
-    report = export.main(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None, format="packed"))
+    from condiquant.deploy.export import main as export
+
+    report = export(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None, format="packed"))
     assert report["packed_bytes"] < report["fakequant_checkpoint_bytes"] / 3
     scores = {}
     for ckpt in (report["checkpoint"], report["packed"]):

@@ -4,15 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import NET, assert_quantized, load_script, train_options, write_yaml
 
 from condiquant.cli import main_test, main_train
-from condiquant.quant.attach import named_quantizers
-from condiquant.quant.checkpoint import build_quantized
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "dobi", "2dquant"])
 def test_train_then_test_round_trip(project, method):

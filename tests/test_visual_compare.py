@@ -1,4 +1,5 @@
-"""scripts/visual_compare.py: entries, crop box, enlargement, PSNR captions and the figure, on synthetic images."""
+"""condiquant/figures.py (scripts/visual_compare.py): entries, crop box, enlargement, PSNR captions and the figure,
+on synthetic images."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,13 +7,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import load_script
 
+from condiquant import figures as vc
 from condiquant import metrics
 from condiquant.config import ConfigError
-
-
-vc = load_script("visual_compare")
 
 
 def synthetic(h: int = 20, w: int = 30, seed: int = 0) -> np.ndarray:
