@@ -108,7 +108,9 @@ def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     # seconds: the whole method, a resumed run's earlier part included
     summary = {"method": opts.method, **ctx.summary,
                "seconds": seconds + ctx.summary.get("seconds_before_resume", 0.0),
-               "fp_val_psnr": validation_psnr(fp, ctx), "val_psnr": validation_psnr(model, ctx)}
+               "fp_val_psnr": validation_psnr(fp, ctx)}
+    if "val_psnr" not in summary:  # a trained method reports its final model's (validated at the last iteration)
+        summary["val_psnr"] = validation_psnr(model, ctx)
     summary.setdefault("val_psnr_iter0", summary["val_psnr"])  # untrained methods: the bounds are the start
     atomic_write_text(exp_dir / "summary.json", json.dumps(summary, indent=1))
     n_quant = sum(1 for _ in named_quantizers(model))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -112,7 +112,7 @@ def warmup_cosine(opt: LoopOptions, cosine: bool) -> Callable[[int, int], float]
 
 
 class _EMA:
-    """Exponential moving average of the trained parameters; ``swap`` puts it into the model and back."""
+    """Exponential moving average of the trained parameters; ``applied()`` puts it into the model and back."""
 
     def __init__(self, params: List[nn.Parameter], decay: float):
         self.params, self.decay = params, decay
@@ -194,14 +194,16 @@ def train_loop(model: nn.Module, ctx: PTQContext, opt: LoopOptions, phase: Phase
                             phase.labels[g], lr,
                             " ".join(f"{k} {v:.6f}" for k, v in logs.items()), (time.perf_counter() - tic) / (it - start))
         if it % opt.val_freq == 0 or it == opt.total_iter:
-            with ema.applied() if ema is not None else _nothing():
+            with ema.applied() if ema is not None else nullcontext():
                 psnr = validation_psnr(model, ctx)
             writer.add_scalar("metrics/calib_val_psnr", psnr, it)
+            if it == opt.total_iter and opt.select == "last":  # the returned model's score: no second pass
+                ctx.summary["val_psnr"] = psnr
             ctx.logger.info("iter %d: calibration-validation PSNR %.3f dB%s", it, psnr, " (EMA)" if ema else "")
             if psnr > best[0]:
                 best = (psnr, it)
         if it % opt.save_checkpoint_freq == 0 or it == opt.total_iter:
-            with ema.applied() if ema is not None else _nothing():
+            with ema.applied() if ema is not None else nullcontext():
                 save_quantized(ctx.exp_dir / "models" / f"net_q_{it}.pth", model, ctx.opts.network_g, ctx.quant)
             ctx.summary["loop_seconds"] = before + time.perf_counter() - tic
             _save_state(ctx, it, model, optimizers, ema, rng, best, record)
@@ -219,12 +221,9 @@ def train_loop(model: nn.Module, ctx: PTQContext, opt: LoopOptions, phase: Phase
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["params"])
         ctx.logger.info("selected iteration %d by calibration-validation PSNR %.3f dB", best[1], best[0])
     ctx.summary["selected_iter"] = best[1] if opt.select == "best_val" else opt.total_iter
+    if opt.select == "best_val" and best[1] >= 0:
+        ctx.summary["val_psnr"] = best[0]
     return model
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _save_state(ctx: PTQContext, it: int, model: nn.Module, optimizers, ema: Optional[_EMA],
