@@ -108,6 +108,8 @@ def main_export(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out")
     parser.add_argument("--tile", type=int, default=None, help="onnx: fixed LR tile (needed for EMT / SwinIR)")
     parser.add_argument("--scale", type=int, default=0, help="onnx: the scale, if network_g has no upscale")
+    parser.add_argument("--quantize-outputs", action="store_true",
+                        help="onnx: 8-bit Q/DQ on quantized layers' outputs (integer convolutions in ONNX Runtime)")
     return run_cli(lambda: main(parser.parse_args(argv)))
 
 

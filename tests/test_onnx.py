@@ -31,6 +31,19 @@ def test_imdn_export_is_dynamic_and_equals_the_aligned_fake_quant_model(tmp_path
         assert diff.max() < 1 / 255 and (diff > 1e-5).float().mean() < 0.1
 
 
+def test_quantized_outputs_make_the_convolutions_integer(tmp_path):
+    model, _, _ = quantized(IMDN, 8, "channel")
+    align_zero_points(model)
+    plain = optimized_ops(export_onnx(model, tmp_path / "plain.onnx", scale=2))
+    batches = [torch.rand(4, 3, 16, 16)]
+    fused = optimized_ops(export_onnx(model, tmp_path / "int.onnx", scale=2, output_batches=batches))
+    n_quantized = sum(1 for m in model.modules() if type(m).__name__ == "QuantConv2d")
+    assert fused.get("QLinearConv", 0) >= n_quantized > plain.get("QLinearConv", 0)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (OnnxSR(tmp_path / "int.onnx")(x) - model(x)).abs().max() < 4 / 255  # one more 8-bit rounding
+
+
 def test_emt_exports_at_a_fixed_tile_and_runs_integer_matmuls(tmp_path):
     model, _, _ = quantized(EMT, 8, "channel")
     align_zero_points(model)
@@ -75,7 +88,7 @@ def test_export_script_and_test_py_score_the_onnx_model(project):
     from condiquant.deploy.export import main as export
 
     report = export(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None, format="onnx", tile=None,
-                                       scale=0))
+                                       scale=0, quantize_outputs=False))
     scores = {}
     for name, net, ckpt in (("fq", NET, report["checkpoint"]), ("onnx", {"type": "onnx", "path": report["onnx"]},
                                                                   None)):

@@ -3,7 +3,8 @@
     python scripts/export.py -opt options/train/EMT_x4_2dquant.yml [--set ...] [--format packed] [--out FILE]
     python scripts/export.py --checkpoint experiments/<name>/models/net_q_latest.pth --format packed
 
-``onnx``: QuantizeLinear/DequantizeLinear graph for ONNX Runtime's integer kernels (``condiquant/deploy/
+``onnx``: QuantizeLinear/DequantizeLinear graph (``--quantize-outputs``: 8-bit Q/DQ on the quantized layers'
+outputs too, ranges from calibration crops, so that ONNX Runtime runs the convolutions as QLinearConv) for ONNX Runtime's integer kernels (``condiquant/deploy/
 onnx_export.py``; zero points aligned to the integer grid first, ``--tile`` for window-attention archs); prints
 the op types ONNX Runtime executes after its optimisations. Score it with test.py:
 ``network_g: {type: onnx, path: FILE}``.
@@ -47,8 +48,21 @@ def main(args: argparse.Namespace) -> dict:
         from condiquant.deploy.onnx_runtime import optimized_ops
 
         out = Path(args.out) if args.out else ckpt.with_suffix(".onnx")
-        export_onnx(align_zero_points(model), out, int(raw["network_g"].get("upscale", 0)) or args.scale, args.tile)
+        scale = int(raw["network_g"].get("upscale", 0)) or args.scale
+        batches = None
+        if args.quantize_outputs:  # output ranges from calibration crops (never a test set)
+            import numpy as np
+
+            from condiquant.data.calib import CalibrationImages
+            from condiquant.options import CalibOptions
+
+            c = CalibOptions()
+            crops = CalibrationImages(c.roots, scale, c.val_fraction, c.split_seed, "calib").random_crops(
+                c.num_patches, args.tile or c.patch_size, np.random.default_rng(0))
+            batches = crops.split(c.chunk_size)
+        export_onnx(align_zero_points(model), out, scale, args.tile, output_batches=batches)
         report = {"checkpoint": str(ckpt), "onnx": str(out), "bytes": out.stat().st_size, "tile": args.tile,
+                  "quantized_outputs": bool(args.quantize_outputs),
                   "optimized_ops": optimized_ops(out)}
         print(json.dumps(report, indent=1))
         return report

@@ -111,11 +111,66 @@ def to_qdq(model: nn.Module) -> nn.Module:
     return out
 
 
-def export_onnx(model: nn.Module, path: Path, scale: int, tile: Optional[int] = None, opset: int = 17) -> Path:
-    """Write the quantized ``model`` to ``path`` (see the module docstring); returns ``path``."""
+class OutputQDQ(nn.Module):
+    """A quantized layer followed by an 8-bit Q/DQ of its output: ONNX Runtime fuses DQ -> Conv/MatMul -> Q into
+    QLinearConv / QLinearMatMul only when the output is quantized too (the fake-quant model keeps it FP, so this
+    adds one 8-bit rounding per layer)."""
+
+    def __init__(self, layer: nn.Module, q: UniformQuantizer):
+        super().__init__()
+        self.layer, self.out = layer, QDQ(q, weight=False)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.out(self.layer(*args))
+
+
+@torch.no_grad()
+def quantize_outputs(model: nn.Module, batches, input_range: float = 1.0) -> nn.Module:
+    """Wrap every quantized Linear/Conv2d of a :func:`to_qdq` model in :class:`OutputQDQ`, the output range being
+    the min/max over ``batches`` (LR crops in 0..1)."""
+    from condiquant.quant.modules import QuantConv2d, QuantLinear
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    ranges = {}
+
+    def hook(name):
+        def record(_m, _i, out):
+            lo, hi = out.min(), out.max()
+            old = ranges.get(name)
+            ranges[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    try:
+        for batch in batches:
+            model(batch * input_range)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in layers:
+        q = UniformQuantizer(8)
+        q.set_bounds(*ranges[name])
+        parent, _, child = name.rpartition(".")
+        container = model.get_submodule(parent) if parent else model
+        wrapped = OutputQDQ(layer, q)
+        if isinstance(container, (nn.ModuleList, nn.Sequential)) and child.isdigit():
+            container[int(child)] = wrapped
+        else:
+            setattr(container, child, wrapped)
+    return model
+
+
+def export_onnx(model: nn.Module, path: Path, scale: int, tile: Optional[int] = None, opset: int = 17,
+                output_batches=None) -> Path:
+    """Write the quantized ``model`` to ``path`` (see the module docstring); returns ``path``. With
+    ``output_batches`` (LR crops in 0..1) the quantized layers' outputs get 8-bit Q/DQ too
+    (:func:`quantize_outputs`), so that ONNX Runtime runs the convolutions as QLinearConv."""
     import onnx
 
-    graph = _ImageIO(to_qdq(model)).eval()
+    qdq = to_qdq(model)
+    if output_batches is not None:
+        quantize_outputs(qdq, output_batches, float(getattr(model, "input_range", 1.0)))
+    graph = _ImageIO(qdq).eval()
     side = tile or 32
     sample = torch.rand(1, 3, side, side)
     dynamic = None if tile else {"lr": {2: "h", 3: "w"}, "sr": {2: "sh", 3: "sw"}}
