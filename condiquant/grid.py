@@ -39,7 +39,7 @@ from condiquant.runtime import LOG_FORMAT
 
 log = logging.getLogger("condiquant")
 PACKAGE = Path(__file__).resolve().parent
-UNTRAINED = ("minmax", "percentile", "dobi")
+UNTRAINED = ("minmax", "percentile", "dobi", "noisyquant")
 
 
 def code_fingerprint() -> str:

@@ -135,6 +135,8 @@ class QuantOptions:
     # Quantizer of Linear/Conv2d inputs (MatMul inputs and weights stay uniform).
     a_quantizer: Literal["uniform", "dual_region"] = "uniform"
     dual_region: DualRegionOptions = field(default_factory=DualRegionOptions)
+    # NoisyQuant's fixed noisy bias on the inputs of quantized Linear/Conv2d layers (set by method: noisyquant)
+    noisy_bias: bool = False
 
     def validate(self, where: str) -> None:
         from condiquant.quant.quantizer import SUPPORTED_BITS
@@ -306,7 +308,18 @@ class SAFTOptions(LoopOptions):
             raise ConfigError(f"{where}.epochs: must be >= 1 and divide total_iter ({self.total_iter})")
 
 
-Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq"]
+@dataclass
+class NoisyQuantOptions:
+    """NoisyQuant (Liu et al., CVPR 2023): a fixed noisy bias n ~ U(-a s/2, a s/2) per input channel of each
+    quantized layer (s: its input quantizer's step), a chosen per layer from ``amplitudes`` by the layer's output
+    error on calibration crops; no training."""
+
+    amplitudes: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    num_patches: int = 8  # calibration crops whose FP layer inputs score the amplitudes
+    patch_size: int = 48
+
+
+Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq", "noisyquant"]
 
 
 @dataclass
@@ -324,6 +337,7 @@ class TrainOptions:
     dqc: DQCOptions = field(default_factory=DQCOptions)
     conditioning: ConditioningOptions = field(default_factory=ConditioningOptions)
     saft: SAFTOptions = field(default_factory=SAFTOptions)
+    noisyquant: NoisyQuantOptions = field(default_factory=NoisyQuantOptions)
     device: str = "auto"
     num_threads: int = 0
     manual_seed: int = 0
@@ -332,6 +346,8 @@ class TrainOptions:
         check_model_options(self, where)
         if self.method in ("oaq", "condiquant_oaq") and self.quant.a_quantizer != "dual_region":
             raise ConfigError(f"{where} quant.a_quantizer: method {self.method} needs 'dual_region'")
+        if (self.method == "noisyquant") != self.quant.noisy_bias:
+            raise ConfigError(f"{where} quant.noisy_bias: true exactly when method is noisyquant")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from condiquant.methods import baselines, condiquant, oaq, twodquant
+from condiquant.methods import baselines, condiquant, noisyquant, oaq, twodquant
 from condiquant.methods.context import PTQContext
 
 METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
@@ -16,4 +16,5 @@ METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
     "condiquant": condiquant.run,
     "oaq": oaq.run,
     "condiquant_oaq": oaq.run_conditioned,
+    "noisyquant": noisyquant.run,
 }

@@ -74,6 +74,8 @@ def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
             new = QuantConv2d(module, w_bits, a_bits, per_channel, make_act)
         else:
             new = QuantMatMul(module, a_bits)
+        if quant.noisy_bias and kind != "MatMul" and a_bits:
+            new.enable_noisy_bias(module.in_features if kind == "Linear" else module.in_channels)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         replaced.append(name)

@@ -33,10 +33,20 @@ def _weight_quantizers(n: int, w_bits: Optional[int], channels: int, per_channel
 
 
 class QuantModule(nn.Module):
-    """Marker base: modules whose quantizers the calibration and DQC loops drive."""
+    """Base of the modules whose quantizers the calibration and training loops drive.
+
+    A Linear/Conv2d may carry a fixed ``noisy_bias`` n (NoisyQuant, one value per input channel): its input is
+    quantized as Q(x + n) and layer(n) is subtracted from the output, so without quantization the layer computes
+    exactly what it did (for a conv the subtracted term is the conv of the constant n image, zero padding
+    included, hence exact at the borders too)."""
+
+    noisy_bias: Optional[torch.Tensor]
 
     def quantizers(self) -> Iterator[UniformQuantizer]:
         return (m for m in self.modules() if isinstance(m, UniformQuantizer))
+
+    def enable_noisy_bias(self, channels: int) -> None:
+        self.noisy_bias = torch.zeros(channels, device=self.weight.device)
 
 
 class QuantLinear(QuantModule):
@@ -50,6 +60,7 @@ class QuantLinear(QuantModule):
         chunk = src.out_features // splits
         self.weight_quantizers = _weight_quantizers(splits, w_bits, chunk, per_channel)
         self.input_quantizers = _act_quantizers(splits, a_bits, act_quantizer)
+        self.register_buffer("noisy_bias", None)  # NoisyQuant sets it (QuantModule)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, splits={self.splits}"
@@ -57,11 +68,13 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.weight.chunk(self.splits, dim=0)
         biases = self.bias.chunk(self.splits) if self.bias is not None else [None] * self.splits
+        noisy = x + self.noisy_bias if self.noisy_bias is not None else x
         outs = []
         for i in range(self.splits):
-            xi = self.input_quantizers[i](x) if self.input_quantizers else x
+            xi = self.input_quantizers[i](noisy) if self.input_quantizers else noisy
             wi = self.weight_quantizers[i](weights[i]) if self.weight_quantizers else weights[i]
-            outs.append(F.linear(xi, wi, biases[i]))
+            out = F.linear(xi, wi, biases[i])
+            outs.append(out - F.linear(self.noisy_bias, wi) if self.noisy_bias is not None else out)
         return outs[0] if self.splits == 1 else torch.cat(outs, dim=-1)
 
 
@@ -87,6 +100,7 @@ class QuantConv2d(QuantModule):
             self.register_buffer(name, buf)
         self.weight_quantizers = _weight_quantizers(1, w_bits, src.out_channels, per_channel)
         self.input_quantizers = _act_quantizers(1, a_bits, act_quantizer)
+        self.register_buffer("noisy_bias", None)  # NoisyQuant sets it (QuantModule)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, {self.conv_args}"
@@ -94,10 +108,14 @@ class QuantConv2d(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._conv_input is not None:
             x = self._conv_input(self, x)
+        noise = self.noisy_bias.view(1, -1, 1, 1).expand_as(x) if self.noisy_bias is not None else None
+        if noise is not None:
+            x = x + noise
         if self.input_quantizers:
             x = self.input_quantizers[0](x)
         w = self.weight_quantizers[0](self.weight) if self.weight_quantizers else self.weight
-        return F.conv2d(x, w, self.bias, **self.conv_args)
+        out = F.conv2d(x, w, self.bias, **self.conv_args)
+        return out - F.conv2d(noise, w, None, **self.conv_args) if noise is not None else out
 
 
 class QuantMatMul(QuantModule):
