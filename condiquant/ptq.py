@@ -18,12 +18,13 @@ from condiquant.data.calib import CalibrationImages
 from condiquant.methods import METHODS
 from condiquant.methods.context import PTQContext
 from condiquant.engine.loop import latest_state, validation_psnr
+from condiquant.engine.rundir import open_run_dir
 from condiquant.engine.state import atomic_write_text, check_resume_options, options_record, read_state
 from condiquant.quant.attach import named_quantizers
 from condiquant.options import QuantOptions, TrainOptions
 from condiquant.quant.checkpoint import save_quantized
 from condiquant.quant.presets import resolve_placement
-from condiquant.runtime import archive, configure, fresh_dir, setup_logger, timestamp
+from condiquant.runtime import configure
 
 
 def _resume_path(opts: TrainOptions, exp_dir: Path, source: str) -> Optional[Path]:
@@ -86,17 +87,9 @@ def run_train(opts: TrainOptions, source: str, command: str = "") -> Path:
     resume = _resume_path(opts, exp_dir, source)
     if resume is not None:  # before anything is written: a refused resume leaves the folder as it was
         check_resume_options(read_state(resume).get("options"), options_record(resolved), resume)
-    archived = fresh_dir(exp_dir) if resume is None else None
-    if resume is None:  # the TensorBoard curves of the previous run go with its folder's archive
-        archive(Path("tb_logger") / opts.name)
-    logger = setup_logger(exp_dir / f"train_{opts.name}_{timestamp()}.log")
-    if archived:
-        logger.info("archived the previous %s as %s", exp_dir, archived)
-    if command:
-        logger.info("command: %s", command)
-    options_text = yaml.safe_dump(to_dict(resolved), sort_keys=False)
-    logger.info("resolved options:\n%s", options_text)
-    (exp_dir / f"{opts.name}.yml").write_text(f"# resolved options of: {command or source}\n" + options_text)
+    logger = open_run_dir(exp_dir, "train", opts.name, resolved, command, resume=resume is not None, tb_logger=True)
+    (exp_dir / f"{opts.name}.yml").write_text(f"# resolved options of: {command or source}\n"
+                                              + yaml.safe_dump(to_dict(resolved), sort_keys=False))
     logger.info("calibration images: %d train, %d validation (%s)", len(calib.train_paths), len(calib.val_paths),
                 ", ".join(opts.calib.roots))
     ctx = PTQContext(resolved, quant, fp, calib, exp_dir, logger, device, resume)

@@ -18,11 +18,12 @@ from condiquant.archs import build_network, load_pretrained
 from condiquant.config import ConfigError, to_dict
 from condiquant.data.paired import PairedImageFolder, write_image
 from condiquant.deploy.packed import load_packed
+from condiquant.engine.rundir import open_run_dir
 from condiquant.inference import super_resolve
 from condiquant.options import TestOptions, ValOptions
 from condiquant.quant.attach import freeze_weights
 from condiquant.quant.checkpoint import build_quantized, quant_options_of
-from condiquant.runtime import configure, fresh_dir, setup_logger, timestamp
+from condiquant.runtime import configure
 
 _REFERENCES = Path(__file__).with_name("references.yml")
 
@@ -112,13 +113,7 @@ def run_test(opts: TestOptions, source: str, command: str = "") -> List[DatasetS
     for data in datasets:
         data.check()
     out_dir = Path("results") / opts.name
-    archived = fresh_dir(out_dir)
-    logger = setup_logger(out_dir / f"test_{opts.name}_{timestamp()}.log")
-    if archived:
-        logger.info("archived the previous %s as %s", out_dir, archived)
-    if command:
-        logger.info("command: %s", command)
-    logger.info("resolved options:\n%s", yaml.safe_dump(to_dict(opts), sort_keys=False))
+    logger = open_run_dir(out_dir, "test", opts.name, opts, command)
     references = load_references(opts.reference)
     scores = []
     for data in datasets:
