@@ -16,6 +16,7 @@ Untrained rows run the first seed only.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -89,10 +90,36 @@ def load_table(opt_path: str, overrides: List[str]) -> TableOptions:
     return from_dict(TableOptions, apply_overrides(load_yaml(opt_path), overrides, opt_path), f"{opt_path}:")
 
 
+def explicit(obj: Any) -> Dict[str, Any]:
+    """The fields of a dataclass tree that differ from their schema defaults (nested dataclasses recursed).
+
+    A run key hashes this, not the full tree: a field added later with a default leaves earlier keys valid (what
+    the default does is code, which the code fingerprint and ``--check`` cover), while any option a run set
+    differently from another gives another key."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = explicit(value)
+            if sub:
+                out[f.name] = sub
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if default is dataclasses.MISSING or value != default:
+            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
 def run_key(train: Optional[TrainOptions], test: TestOptions, seed: int, threads: int) -> str:
-    """Hash of everything that decides a run's numbers except the code: options (names excluded), seed, threads."""
-    data = {"train": {k: v for k, v in to_dict(train).items() if k != "name"} if train is not None else None,
-            "test": {k: v for k, v in to_dict(test).items() if k != "name"}, "seed": seed, "threads": threads}
+    """Hash of everything that decides a run's numbers except the code: the options set (names excluded), seed,
+    threads."""
+    data = {"train": {k: v for k, v in explicit(train).items() if k != "name"} if train is not None else None,
+            "test": {k: v for k, v in explicit(test).items() if k != "name"}, "seed": seed, "threads": threads}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -185,8 +212,19 @@ def run_seed(table: TableOptions, cache: Cache, method: str, bits: int, seed: in
 
 
 def describe(opts: TrainOptions) -> Dict[str, Any]:
-    """What a reader needs beside the numbers: weight granularity and the training budget and variant."""
-    info: Dict[str, Any] = {"w_granularity": opts.quant.w_granularity}
+    """What a reader needs beside the numbers: weight granularity, whether every quantized product runs on
+    integer operands (``deployable``: uniform grids only; a dual-region grid has no integer kernel), the levels
+    per quantizer, and the training budget and variant."""
+    from condiquant.quant.dual_region import region_points
+
+    q = opts.quant
+    if q.a_quantizer == "dual_region":
+        dense, tail = region_points(q.a_bit, q.dual_region.levels)
+        act_levels = dense + 2 * tail
+    else:
+        act_levels = 2 ** q.a_bit
+    info: Dict[str, Any] = {"w_granularity": q.w_granularity, "deployable": q.a_quantizer == "uniform",
+                            "levels": {"weights": 2 ** q.w_bit, "activations": act_levels}}
     loop = opts.saft if opts.method in ("oaq", "condiquant_oaq") else opts.dqc if opts.method not in UNTRAINED else None
     if loop is not None:
         info["budget"] = {"updates": loop.total_iter, "batch": loop.batch_size, "patch": loop.patch_size}
@@ -259,7 +297,7 @@ def aggregate(table: TableOptions, method: str, bits: int, units: List[Dict[str,
                                                   + (rest["score_seconds"] if rest else 0.0))}
     variant = table.variants.get(method, VariantOptions(method))
     row["variant_method"] = variant.method
-    for k in ("w_granularity", "budget", "loop"):
+    for k in ("w_granularity", "deployable", "levels", "budget", "loop"):
         if k in units[0]:
             row[k] = units[0][k]
     if "val_psnr" in units[0]:
@@ -329,7 +367,7 @@ def render(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache:
     if table.train_overrides:
         lines.append("- every row: " + ", ".join(f"`{k}={json.dumps(x)}`" for k, x in table.train_overrides.items()))
     lines.append("")
-    header = ("| method | bits | seeds | val | val it0 | " + " | ".join(names)
+    header = ("| method | bits | deployable | seeds | val | val it0 | " + " | ".join(names)
               + (" | " + " | ".join(f"{n} *paper*" for n in names) if paper else "") + " | train s | score s |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -338,7 +376,8 @@ def render(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache:
         it0 = f"{r['val_psnr_iter0']:.2f}" if "val_psnr_iter0" in r else "–"
         ours = " | ".join(_pm(r["scores"][n]["psnr_mean"], r["scores"][n].get("psnr_std")) if n in r["scores"]
                           else "…" for n in names)
-        row = f"| {r['method']} | {r['bits']} | {len(r['seeds'])} | {val} | {it0} | {ours}"
+        dep = {True: "yes", False: "no"}.get(r.get("deployable"), "–")
+        row = f"| {r['method']} | {r['bits']} | {dep} | {len(r['seeds'])} | {val} | {it0} | {ours}"
         if paper:
             cell = paper.get("rows", {}).get(r["cell"], {})
             row += " | " + " | ".join(cell.get(n, "–") for n in names)

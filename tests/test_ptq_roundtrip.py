@@ -87,6 +87,7 @@ def test_grid_runner_writes_table_with_seeds_and_resumes_from_cache(project):
     assert {"val_psnr_mean", "val_psnr_std", "val_psnr_iter0"} <= set(trained)
     assert "psnr_std" in trained["scores"]["Bench"] and trained["scores"]["Other"]["seed"] in (0, 1)
     assert trained["budget"] == {"updates": 4, "batch": 2, "patch": 12}
+    assert trained["deployable"] is True and trained["levels"] == {"weights": 4, "activations": 4}
     units = sorted((project / "results" / "tiny_table" / "cells" / "2dquant_W2A2").glob("*.json"))
     assert [u.name for u in units] == ["rest.json", "s0.json", "s1.json"]
     assert all({"key", "commit", "code"} <= set(json.loads(u.read_text())) for u in units)
@@ -199,3 +200,18 @@ def test_scaled_adam_multiplies_each_elements_step():
             o.step()
     steps1, steps2 = p1.detach() - torch.tensor([1.0, 2.0]), p2.detach() - torch.tensor([1.0, 2.0])
     torch.testing.assert_close(steps2, steps1 * torch.tensor([1.0, 3.0]))
+
+
+def test_run_key_ignores_fields_left_at_their_default_only():
+    from condiquant.config import from_dict
+    from condiquant.grid import explicit, run_key
+    from condiquant.options import TestOptions, TrainOptions
+
+    train = from_dict(TrainOptions, train_options("2dquant"), "t")
+    test = from_dict(TestOptions, {"name": "x", "scale": 2, "network_g": NET,
+                                   "datasets": {"t": {"name": "B", "dataroot_gt": "b"}}}, "t")
+    assert "noisy_bias" not in explicit(train)["quant"] and explicit(train)["dqc"]["total_iter"] == 4
+    same = from_dict(TrainOptions, {**train_options("2dquant"), "saft": {"lr": 1e-3}}, "t")  # = the default
+    other = from_dict(TrainOptions, train_options("2dquant", lr=0.02), "t")
+    assert run_key(train, test, 0, 1) == run_key(same, test, 0, 1) != run_key(other, test, 0, 1)
+    assert run_key(train, test, 0, 1) != run_key(train, test, 1, 1) != run_key(train, test, 1, 2)
