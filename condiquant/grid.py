@@ -403,6 +403,7 @@ def run_table(opt_path: str, overrides: List[str], command: str) -> Path:
     handler = logging.FileHandler(Path("results") / f"{table.name}.log")
     handler.setFormatter(LOG_FORMAT)
     log.addHandler(handler)
+    log.setLevel(logging.INFO)  # before the first run's logger setup, or this line is dropped
     log.info("table %s: %s (code %s, commit %s)", table.name, command, cache.code, cache.commit)
     rows: List[Dict[str, Any]] = []
     try:
