@@ -18,7 +18,6 @@ Writes
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -33,6 +32,7 @@ import numpy as np
 import torch.nn as nn
 
 
+from condiquant.cli import option_parser
 from condiquant.config import apply_overrides, from_dict, load_yaml
 from condiquant.engine.loop import validation_psnr
 from condiquant.options import ConditioningOptions, TrainOptions
@@ -58,8 +58,7 @@ def layer_sets(model: nn.Module, layers: Dict[str, int], wanted: List[str]) -> D
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-opt", required=True, help="train options (network, weights, quant, calib, conditioning)")
+    parser = option_parser("scripts/ablate_conditioning.py")
     parser.add_argument("--regularizers", nargs="+", default=["shrink", "kappa_bound"],
                         choices=["shrink", "kappa_bound"])
     # lam is relative to the data term divided by lambda_max(X^T X) (see conditioning.py): 1e-3 already moves
@@ -70,7 +69,6 @@ def main() -> None:
     parser.add_argument("--iters", nargs="+", type=int, default=[20, 100], help="K values")
     parser.add_argument("--layer-sets", nargs="+", default=["linear", "all"], choices=["linear", "all"])
     parser.add_argument("--name", help="results name (default: the options' name)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option")
     args = parser.parse_args()
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")

@@ -14,7 +14,6 @@ crops grow with ``num_patches`` (the same seed: 8 crops are the first 8 of 16). 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -29,6 +28,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 
+from condiquant.cli import option_parser
 from condiquant.config import apply_overrides, from_dict, load_yaml
 from condiquant.engine.loop import validation_psnr
 from condiquant.options import NoiseAwareOptions, TrainOptions
@@ -39,15 +39,13 @@ from condiquant.transforms.noise_aware import (collect_cross_grams, correct_laye
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-opt", required=True, help="train options (network, weights, quant, calib, conditioning)")
+    parser = option_parser("scripts/ablate_noise_aware.py")
     parser.add_argument("--ridges", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2, 1e-1])
     parser.add_argument("--num-patches", nargs="+", type=int, default=[8, 16, 32])
     parser.add_argument("--modes", nargs="+", default=["parallel", "sequential"], choices=["parallel", "sequential"])
     parser.add_argument("--anchors", nargs="+", default=["w0"], choices=["w0", "zero"],
                         help="what the ridge pulls towards")
     parser.add_argument("--name", help="results name (default: the options' name)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option")
     args = parser.parse_args()
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")

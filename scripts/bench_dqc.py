@@ -9,7 +9,6 @@ results/bench_dqc_<options stem>.md.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import copy
 import sys
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 
+from condiquant.cli import option_parser
 from condiquant.config import apply_overrides, from_dict, load_yaml
 from condiquant.options import TrainOptions
 from condiquant.ptq import calibration_images, load_fp_model, resolved_quant
@@ -38,10 +38,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("-opt", required=True)
+    parser = option_parser("scripts/bench_dqc.py")
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
     device = configure(opts.device, opts.num_threads, opts.manual_seed)

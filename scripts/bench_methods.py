@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 
-from condiquant.cli import run_cli
+from condiquant.cli import option_parser, run_cli
 from condiquant.grid import cell_train_options, load_table
 from condiquant.ptq import run_train
 
@@ -42,11 +42,9 @@ def main(args: argparse.Namespace, command: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-opt", required=True, help="table options (rows = methods or variants)")
+    parser = option_parser("scripts/bench_methods.py")
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--set", action="append", default=[], help="override a table option")
     ns = parser.parse_args()
     cmd = " ".join(shlex.quote(a) for a in ["python", "scripts/bench_methods.py", *sys.argv[1:]])
     raise SystemExit(run_cli(lambda: main(ns, cmd)))

@@ -10,7 +10,6 @@ block; bit-width b means w_bit = a_bit = b. Counting rules: ``condiquant/quant/c
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from dataclasses import replace
@@ -19,7 +18,7 @@ from typing import List
 
 
 from condiquant.archs import build_network
-from condiquant.cli import run_cli
+from condiquant.cli import option_parser, run_cli
 from condiquant.config import apply_overrides, from_dict, load_yaml
 from condiquant.options import TrainOptions
 from condiquant.quant.cost import (KINDS, OpsCost, count_parameters, measure_ops, storage_cost,
@@ -93,14 +92,12 @@ def render(source: str, command: str, opts: TrainOptions, bits: List[int], lr_si
 
 
 def main(argv: List[str]) -> None:
-    parser = argparse.ArgumentParser(prog="scripts/model_cost.py", description=__doc__.split("\n")[0])
-    parser.add_argument("-opt", required=True, help="PTQ (train) options file")
+    parser = option_parser("scripts/model_cost.py")
     parser.add_argument("--lr-size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"),
                         help="LR input size of the counted forward pass (2DQuant: 128 128)")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="bit-widths b (WbAb)")
     parser.add_argument("--include-position-bias", action="store_true",
                         help="count SwinIR's relative-position-bias tables in P")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option")
     args = parser.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/model_cost.py", *argv])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")

@@ -9,7 +9,6 @@ e.g. fc1, qk_matmuls). Writes results/sensitivity_<name>.md.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from collections import defaultdict
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 
+from condiquant.cli import option_parser
 from condiquant.config import apply_overrides, from_dict, load_yaml
 from condiquant.engine.loop import validation_psnr
 from condiquant.options import TrainOptions
@@ -33,10 +33,8 @@ def module_kind(name: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("-opt", required=True)
+    parser = option_parser("scripts/quant_sensitivity.py")
     parser.add_argument("--observer", default="dobi", choices=["minmax", "percentile", "dobi"])
-    parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/quant_sensitivity.py", *sys.argv[1:]])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")

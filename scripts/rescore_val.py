@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 
-from condiquant.cli import run_cli
+from condiquant.cli import option_parser, run_cli
 from condiquant.config import apply_overrides, from_dict, load_yaml
 from condiquant.engine.loop import validation_psnr
 from condiquant.options import TrainOptions
@@ -32,8 +32,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("-opt", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = option_parser("scripts/rescore_val.py")
     parser.add_argument("checkpoints", nargs="+")
     raise SystemExit(run_cli(lambda: main(parser.parse_args())))
