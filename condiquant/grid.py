@@ -428,7 +428,9 @@ def check(opt_path: str, overrides: List[str], n: int, command: str, seed: Optio
     units = [u for u in units if "val_psnr" in u]
     if not units:
         raise SystemExit(f"{out_dir}: no cached trained run to check")
-    picked = random.Random(seed).sample(units, min(n, len(units)))
+    older = [u for u in units if u["code"] != cache.code]  # what needs a bridge comes first
+    pool = older if len(older) >= n else units
+    picked = random.Random(seed).sample(pool, min(n, len(pool)))
     results = []
     for u in picked:
         siblings = [x["val_psnr"] for x in units if x["cell"] == u["cell"]]
