@@ -428,7 +428,9 @@ def check(opt_path: str, overrides: List[str], n: int, command: str, seed: Optio
     units = [u for u in units if "val_psnr" in u]
     if not units:
         raise SystemExit(f"{out_dir}: no cached trained run to check")
-    older = [u for u in units if u["code"] != cache.code]  # what needs a bridge comes first
+    codes = [u["code"] for u in units if u["code"] != cache.code]  # what needs a bridge comes first: the most
+    common = max(set(codes), key=codes.count) if codes else None  # frequent older code, n of its runs
+    older = [u for u in units if u["code"] == common]
     pool = older if len(older) >= n else units
     picked = random.Random(seed).sample(pool, min(n, len(pool)))
     results = []
