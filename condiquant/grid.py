@@ -156,17 +156,16 @@ def _scores(scores) -> Dict[str, Dict[str, float]]:
     return {s.name: {"psnr": s.psnr, "ssim": s.ssim} for s in scores}
 
 
-def _train(table: TableOptions, method: str, bits: int, seed: int, name: str, key: str,
-           train_opts: TrainOptions, source: str) -> Tuple[Path, Dict[str, Any]]:
+def _train(cache: Cache, method: str, bits: int, seed: int, name: str, key: str, train_opts: TrainOptions,
+           source: str) -> Tuple[Path, Dict[str, Any]]:
     """Calibrate (or reuse the finished experiment made with the same key and code); returns (ckpt, summary)."""
     exp = Path("experiments") / name
     ckpt, summary_path, stamp = exp / "models" / "net_q_latest.pth", exp / "summary.json", exp / "cell.json"
-    if ckpt.is_file() and summary_path.is_file() and stamp.is_file():
-        recorded = json.loads(stamp.read_text())
-        if recorded == {"key": key, "code": code_fingerprint()}:
-            return ckpt, json.loads(summary_path.read_text())
+    made_by = {"key": key, "code": cache.code}
+    if ckpt.is_file() and summary_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == made_by:
+        return ckpt, json.loads(summary_path.read_text())
     ckpt = run_train(train_opts, source, f"scripts/reproduce.py cell {_cell_id(method, bits)} seed {seed}")
-    atomic_write_text(stamp, json.dumps({"key": key, "code": code_fingerprint()}))
+    atomic_write_text(stamp, json.dumps(made_by))
     return ckpt, json.loads(summary_path.read_text())
 
 
@@ -197,7 +196,7 @@ def run_seed(table: TableOptions, cache: Cache, method: str, bits: int, seed: in
     if (unit := cache.get(path, key)) is not None:
         return unit
     tic = time.perf_counter()
-    ckpt, summary = _train(table, method, bits, seed, name, key, train_opts, source)
+    ckpt, summary = _train(cache, method, bits, seed, name, key, train_opts, source)
     train_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
     scores = run_test(replace(test_opts, network_g=train_opts.network_g, num_threads=threads, reference=None,
@@ -253,7 +252,7 @@ def run_rest(table: TableOptions, cache: Cache, unit: Dict[str, Any]) -> Dict[st
     train_opts = replace(train_opts, num_threads=unit["threads"])
     ckpt = Path(unit["checkpoint"])
     if not ckpt.is_file():  # experiments/ is not committed: a fresh clone retrains the seed (same key)
-        ckpt, _ = _train(table, unit["method"], unit["bits"], unit["seed"], name, unit["key"], train_opts, source)
+        ckpt, _ = _train(cache, unit["method"], unit["bits"], unit["seed"], name, unit["key"], train_opts, source)
     tic = time.perf_counter()
     scores = run_test(replace(test_opts, network_g=train_opts.network_g, num_threads=unit["threads"],
                               reference=None, path=replace(test_opts.path, pretrain_network_g=str(ckpt))),
