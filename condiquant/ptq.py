@@ -20,8 +20,8 @@ from condiquant.methods.context import PTQContext
 from condiquant.engine.loop import latest_state, validation_psnr
 from condiquant.engine.rundir import open_run_dir
 from condiquant.engine.state import atomic_write_text, check_resume_options, options_record, read_state
-from condiquant.quant.attach import named_quantizers
 from condiquant.options import QuantOptions, TrainOptions
+from condiquant.quant.attach import named_quantizers
 from condiquant.quant.checkpoint import save_quantized
 from condiquant.quant.presets import resolve_placement
 from condiquant.runtime import configure
