@@ -212,7 +212,7 @@ def run_seed(table: TableOptions, cache: Cache, method: str, bits: int, seed: in
 
 def describe(opts: TrainOptions) -> Dict[str, Any]:
     """What a reader needs beside the numbers: weight granularity, whether every quantized product runs on
-    integer operands (``deployable``: uniform grids only; a dual-region grid has no integer kernel), the levels
+    integer operands (``deployable``: uniform grids only; dual-region and log√2 grids have no integer kernel), the levels
     per quantizer, and the training budget and variant."""
     from condiquant.quant.dual_region import region_points
 
@@ -222,7 +222,8 @@ def describe(opts: TrainOptions) -> Dict[str, Any]:
         act_levels = dense + 2 * tail
     else:
         act_levels = 2 ** q.a_bit
-    info: Dict[str, Any] = {"w_granularity": q.w_granularity, "deployable": q.a_quantizer == "uniform",
+    deployable = q.a_quantizer == "uniform" and q.softmax_quantizer == "uniform"
+    info: Dict[str, Any] = {"w_granularity": q.w_granularity, "deployable": deployable,
                             "levels": {"weights": 2 ** q.w_bit, "activations": act_levels}}
     loop = opts.saft if opts.method in ("oaq", "condiquant_oaq") else opts.dqc if opts.method not in UNTRAINED else None
     if loop is not None:

@@ -106,6 +106,8 @@ class PlacementOptions:
     split_qkv: Optional[List[str]] = None  # Linear layers quantized as 3 output chunks (q, k, v)
     # Quantizer-name patterns searched one-directionally by DOBI (post-softmax / post-GELU inputs).
     one_direction: Optional[List[str]] = None
+    # Quantizer-name patterns of post-softmax maps (the quantizer ``quant.softmax_quantizer`` picks for them).
+    post_softmax: Optional[List[str]] = None
     # Block outputs compared by the feature losses (DQC / SAFT).
     feature_modules: Optional[List[str]] = None
 
@@ -135,6 +137,8 @@ class QuantOptions:
     # Quantizer of Linear/Conv2d inputs (MatMul inputs and weights stay uniform).
     a_quantizer: Literal["uniform", "dual_region"] = "uniform"
     dual_region: DualRegionOptions = field(default_factory=DualRegionOptions)
+    # Quantizer of the post-softmax maps (``placement.post_softmax``): uniform, or RepQ-ViT's log√2 (quant/log2.py)
+    softmax_quantizer: Literal["uniform", "log2"] = "uniform"
     # NoisyQuant's fixed noisy bias on the inputs of quantized Linear/Conv2d layers (set by method: noisyquant)
     noisy_bias: bool = False
 

@@ -8,7 +8,7 @@ codes, per tensor or per output channel as trained. The graph takes and returns 
 ``input_range`` is applied inside). Shapes: ``tile=None`` exports dynamic H and W (works for convolutional
 archs); window-attention archs (EMT, SwinIR) compute their window padding from Python ints, so they are exported
 at a fixed ``tile`` x ``tile`` LR input and :class:`condiquant.deploy.onnx_runtime.OnnxSR` tiles larger images
-outside the graph. Dual-region (OAQ) quantizers have no ONNX integer form: such a model is refused.
+outside the graph. Dual-region (OAQ) and log√2 quantizers have no ONNX integer form: such a model is refused.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch.nn as nn
 from condiquant.config import ConfigError
 from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionQuantizer
+from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.quantizer import UniformQuantizer
 
 
@@ -90,9 +91,9 @@ def to_qdq(model: nn.Module) -> nn.Module:
     """A copy of the quantized ``model`` whose quantizers are :class:`QDQ` modules (same names)."""
     quantizers = list(named_quantizers(model))
     for name, q in quantizers:
-        if isinstance(q, DualRegionQuantizer):
-            raise ConfigError(f"{name}: a dual-region (OAQ) quantizer has no integer ONNX form; export a uniform "
-                              f"model (quant.a_quantizer: uniform)")
+        if isinstance(q, (DualRegionQuantizer, Log2Quantizer)):
+            raise ConfigError(f"{name}: a {type(q).__name__} has no integer ONNX form; export a model with uniform "
+                              f"quantizers only (quant.a_quantizer / quant.softmax_quantizer: uniform)")
     for name, q in quantizers:
         if q.enabled and not bool(q.initialized):
             raise ConfigError(f"{name}: quantizer has no bounds (not calibrated)")

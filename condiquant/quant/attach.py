@@ -9,6 +9,7 @@ import torch.nn as nn
 from condiquant.archs.ops import MatMul
 from condiquant.options import QuantOptions
 from condiquant.quant.dual_region import DualRegionQuantizer
+from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.modules import (ActQuantizerFactory, QuantConv2d, QuantLinear, QuantMatMul, QuantModule,
                                       has_conv_input)
 from condiquant.quant.patterns import matches
@@ -73,7 +74,8 @@ def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
         elif kind == "Conv2d":
             new = QuantConv2d(module, w_bits, a_bits, per_channel, make_act)
         else:
-            new = QuantMatMul(module, a_bits)
+            post_softmax = quant.softmax_quantizer == "log2" and matches(f"{name}.quant_a", place.post_softmax)
+            new = QuantMatMul(module, a_bits, Log2Quantizer if post_softmax else UniformQuantizer)
         if quant.noisy_bias and kind != "MatMul" and a_bits:
             new.enable_noisy_bias(module.in_features if kind == "Linear" else module.in_channels)
         parent_name, _, child = name.rpartition(".")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionObserver, DualRegionQuantizer
+from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.observers import DOBIObserver, MinMaxObserver, PercentileObserver
 from condiquant.quant.patterns import matches
 from condiquant.quant.quantizer import Observer, UniformQuantizer
@@ -34,6 +35,8 @@ class ObserverSpec:
         """The observer of ``kind``; dual-region quantizers always get OAQ's min/max + |x|-percentile one."""
         if isinstance(q, DualRegionQuantizer):
             return DualRegionObserver(q.bp_percentile, q.init, max_samples=self.max_samples, seed=self.seed)
+        if isinstance(q, Log2Quantizer):  # its scale is the largest value (RepQ-ViT)
+            return MinMaxObserver()
         axis = q.channel_axis
         if self.kind == "minmax":
             return MinMaxObserver(axis)

@@ -122,10 +122,10 @@ class QuantMatMul(QuantModule):
     """``a @ b`` with a static per-tensor quantizer on each input (e.g. q and k^T, or softmax(qk) and v); a
     ``gram`` product ``a @ a^T`` has one quantizer, so both operands are the same integer tensor."""
 
-    def __init__(self, src: MatMul, a_bits: int):
+    def __init__(self, src: MatMul, a_bits: int, make_a: ActQuantizerFactory = UniformQuantizer):
         super().__init__()
         self.gram = src.gram
-        self.quant_a = UniformQuantizer(a_bits)
+        self.quant_a = make_a(a_bits)
         self.quant_b = None if self.gram else UniformQuantizer(a_bits)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

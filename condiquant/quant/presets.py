@@ -23,6 +23,7 @@ PRESETS: Dict[str, PlacementOptions] = {
         high_precision=[],
         split_qkv=["**.attn.qkv"],
         one_direction=["**.attn.av_matmul.quant_a", "**.mlp.fc2.input_quantizers.*"],
+        post_softmax=["**.attn.av_matmul.quant_a"],
         feature_modules=["layers.*.residual_group"],  # 2DQuant hooks its BasicLayer (= residual_group)
     ),
     # EMT: every 1x1 conv and attention product inside the six mixed-transformer blocks (attention q/v
@@ -35,6 +36,7 @@ PRESETS: Dict[str, PlacementOptions] = {
         split_qkv=[],
         # Post-softmax maps and post-Swish inputs are (nearly) one-sided, as 2DQuant's post-GELU inputs.
         one_direction=["**.av_matmuls.*.quant_a", "**.fc2.input_quantizers.*"],
+        post_softmax=["**.av_matmuls.*.quant_a"],
         feature_modules=["body.*"],
     ),
     "EDSR": PlacementOptions(
@@ -44,6 +46,7 @@ PRESETS: Dict[str, PlacementOptions] = {
         high_precision=[],
         split_qkv=[],
         one_direction=[],
+        post_softmax=[],
         feature_modules=["body.*"],
     ),
     "IMDN": PlacementOptions(
@@ -56,6 +59,7 @@ PRESETS: Dict[str, PlacementOptions] = {
         split_qkv=[],
         # Inputs that follow LeakyReLU(0.05) are nearly one-sided, but not exactly: keep the symmetric search.
         one_direction=[],
+        post_softmax=[],
         feature_modules=["IMDB*"],
     ),
 }
@@ -64,7 +68,7 @@ PRESETS: Dict[str, PlacementOptions] = {
 # An arch without preset (a user's own network): every Linear, Conv2d and MatMul is quantized, nothing is kept FP
 # and the distillation losses compare outputs only; ``quant.placement`` in the YAML (or the API) refines it.
 GENERIC = PlacementOptions(targets=["Linear", "Conv2d", "MatMul"], include=["**"], skip=[], high_precision=[],
-                           split_qkv=[], one_direction=[], feature_modules=[])
+                           split_qkv=[], one_direction=[], post_softmax=[], feature_modules=[])
 
 
 def resolve_placement(arch: str, opt: PlacementOptions, where: str) -> PlacementOptions:
