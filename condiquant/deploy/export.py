@@ -3,10 +3,10 @@
     python scripts/export.py -opt options/train/EMT_x4_2dquant.yml [--set ...] [--format packed] [--out FILE]
     python scripts/export.py --checkpoint experiments/<name>/models/net_q_latest.pth --format packed
 
-``onnx``: QuantizeLinear/DequantizeLinear graph (``--quantize-outputs``: 8-bit Q/DQ on the quantized layers'
-outputs too, ranges from calibration crops, so that ONNX Runtime runs the convolutions as QLinearConv) for ONNX Runtime's integer kernels (``condiquant/deploy/
-onnx_export.py``; zero points aligned to the integer grid first, ``--tile`` for window-attention archs); prints
-the op types ONNX Runtime executes after its optimisations. Score it with test.py:
+``onnx``: QuantizeLinear/DequantizeLinear graph for ONNX Runtime's integer kernels (``condiquant/deploy/
+onnx_export.py``; zero points aligned to the integer grid first, ``--tile`` for window-attention archs,
+``--quantize-outputs`` for 8-bit Q/DQ on the quantized layers' outputs so that the convolutions run as
+QLinearConv); prints the op types ONNX Runtime executes after its optimisations. Score it with test.py:
 ``network_g: {type: onnx, path: FILE}``.
 
 ``packed``: quantized weights as bit-packed b-bit integer codes plus their (l, u) per tensor or channel, the rest

@@ -21,20 +21,15 @@ import torch.nn as nn
 
 from condiquant.methods.context import PTQContext
 from condiquant.quant.attach import quant_modules
+from condiquant.transforms.conditioning import forward_with_input_hooks
 
 
-def _layer_inputs(model: nn.Module, names: List[str], batches: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _layer_inputs(model: nn.Module, names: List[str], batches: List[torch.Tensor],
+                  input_range: float) -> Dict[str, torch.Tensor]:
     """The inputs each named module sees on ``batches`` (concatenated over the batch axis)."""
     seen: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, inputs, n=n: seen[n].append(inputs[0].detach())) for n in names]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_input_hooks(model, [(model.get_submodule(n), lambda _m, x, n=n: seen[n].append(x.detach()))
+                                     for n in names], batches, input_range)
     return {n: torch.cat(v) for n, v in seen.items() if v}
 
 
@@ -61,7 +56,7 @@ def run(ctx: PTQContext) -> nn.Module:
     ctx.init_bounds(model, "dobi")
     layers = {n: m for n, m in quant_modules(model) if getattr(m, "noisy_bias", None) is not None}
     crops = ctx.calib.random_crops(opt.num_patches, opt.patch_size, np.random.default_rng(ctx.opts.calib.seed))
-    inputs = _layer_inputs(ctx.fp_model, list(layers), [crops.to(ctx.device) * ctx.input_range])
+    inputs = _layer_inputs(ctx.fp_model, list(layers), [crops.to(ctx.device)], ctx.input_range)
     generator = torch.Generator().manual_seed(ctx.opts.manual_seed)
     report = {}
     for name, layer in layers.items():

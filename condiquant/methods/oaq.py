@@ -26,30 +26,25 @@ from condiquant.methods.context import PTQContext
 from condiquant.quant.attach import named_quantizers, select_modules, step_scales, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionQuantizer
 from condiquant.quant.patterns import matches
+from condiquant.transforms.conditioning import forward_with_input_hooks
 
 GROUPS = ("weight bounds", "activation bounds", "breakpoints")
 
 
-@torch.no_grad()
-def layer_input_stds(model: nn.Module, names: List[str], batches: Iterable[torch.Tensor]) -> Dict[str, float]:
+def layer_input_stds(model: nn.Module, names: List[str], batches: Iterable[torch.Tensor],
+                     input_range: float = 1.0) -> Dict[str, float]:
     """Mean over samples of the per-sample std over (C, H, W) of each named module's input."""
     sums: Dict[str, float] = {n: 0.0 for n in names}
     counts: Dict[str, int] = {n: 0 for n in names}
 
-    def hook(name: str):
-        def record(_m: nn.Module, inputs: tuple) -> None:
-            std = inputs[0].flatten(1).std(dim=1, correction=0)  # population std: a 1x1x1 input has 0
+    def record(name: str):
+        def hook(_m: nn.Module, x: torch.Tensor) -> None:
+            std = x.flatten(1).std(dim=1, correction=0)  # population std: a 1x1x1 input has 0
             sums[name] += float(std.sum())
             counts[name] += std.numel()
-        return record
+        return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for batch in batches:
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_input_hooks(model, [(model.get_submodule(n), record(n)) for n in names], batches, input_range)
     return {n: sums[n] / counts[n] for n in names if counts[n]}
 
 
@@ -107,7 +102,7 @@ def saft(model: nn.Module, ctx: PTQContext) -> nn.Module:
     patterns = ctx.quant.placement.feature_modules
     layers = [s.name for s in select_modules(teacher, ctx.quant) if s.kind in ("Linear", "Conv2d")]
     blocks = [n for n, _ in teacher.named_modules() if n and matches(n, patterns)]
-    stds = layer_input_stds(teacher, layers, [b * r for b in ctx.calibration_batches()])
+    stds = layer_input_stds(teacher, layers, ctx.calibration_batches(), r)
     sensitivity = sensitivity_weights(stds, blocks)
     ctx.logger.info("SAFT sensitivity: %s", ", ".join(f"{n} {s:.4f}" for n, s in sensitivity.items()))
     groups = parameter_groups(model)
