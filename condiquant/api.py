@@ -39,7 +39,7 @@ Folders = Union[str, Path, Sequence[Union[str, Path]]]
 class QuantConfig:
     """What ``train.py`` reads from YAML, as keyword arguments: ``w_bit``, ``a_bit``, ``method`` and any section of
     :class:`condiquant.options.TrainOptions` as a dict (``quant``, ``dqc``, ``saft``, ``conditioning``, ``calib``,
-    ``bound_init``), e.g. ``QuantConfig(2, 2, dqc={"total_iter": 100}, quant={"placement": {"skip": ["head"]}})``."""
+    ``bound_init``, ``noisyquant``), e.g. ``QuantConfig(2, 2, dqc={"total_iter": 100}, quant={"placement": {"skip": ["head"]}})``."""
 
     w_bit: int = 4
     a_bit: int = 4
@@ -50,6 +50,7 @@ class QuantConfig:
     saft: Dict[str, Any] = field(default_factory=dict)
     conditioning: Dict[str, Any] = field(default_factory=dict)
     bound_init: Dict[str, Any] = field(default_factory=dict)
+    noisyquant: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     num_threads: int = 0
     device: str = "auto"
@@ -77,7 +78,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Folders, scale: int, 
             "network_g": {"type": f"{type(model).__module__}:{type(model).__name__}"},
             "quant": {"w_bit": config.w_bit, "a_bit": config.a_bit, **config.quant},
             "calib": {"roots": _roots(calib), **config.calib}, "dqc": config.dqc, "saft": config.saft,
-            "conditioning": config.conditioning, "bound_init": config.bound_init, "manual_seed": config.seed,
+            "conditioning": config.conditioning, "bound_init": config.bound_init, "noisyquant": config.noisyquant,
+            "manual_seed": config.seed,
             "num_threads": config.num_threads, "device": config.device}
     opts = from_dict(TrainOptions, data, "QuantConfig:")
     if opts.method not in METHODS:
@@ -94,8 +96,9 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Folders, scale: int, 
     quantized = METHODS[opts.method](ctx).eval()
     report = {"method": opts.method, "w_bit": opts.quant.w_bit, "a_bit": opts.quant.a_bit,
               "quantizers": sum(1 for _ in named_quantizers(quantized)), "seconds": time.perf_counter() - tic,
-              **ctx.summary, "fp_val_psnr": validation_psnr(ctx.fp_model, ctx),
-              "val_psnr": validation_psnr(quantized, ctx), "placement": opts.quant.placement}
+              **ctx.summary, "fp_val_psnr": validation_psnr(ctx.fp_model, ctx), "placement": opts.quant.placement}
+    if "val_psnr" not in report:  # trained methods measured their final model already
+        report["val_psnr"] = validation_psnr(quantized, ctx)
     return quantized, report
 
 
