@@ -39,7 +39,8 @@ Folders = Union[str, Path, Sequence[Union[str, Path]]]
 class QuantConfig:
     """What ``train.py`` reads from YAML, as keyword arguments: ``w_bit``, ``a_bit``, ``method`` and any section of
     :class:`condiquant.options.TrainOptions` as a dict (``quant``, ``dqc``, ``saft``, ``conditioning``, ``calib``,
-    ``bound_init``, ``noisyquant``), e.g. ``QuantConfig(2, 2, dqc={"total_iter": 100}, quant={"placement": {"skip": ["head"]}})``."""
+    ``bound_init``, ``noisyquant``), e.g.
+    ``QuantConfig(2, 2, dqc={"total_iter": 100}, quant={"placement": {"skip": ["head"]}})``."""
 
     w_bit: int = 4
     a_bit: int = 4
