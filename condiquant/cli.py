@@ -74,7 +74,8 @@ def main_quickstart(argv: Optional[List[str]] = None) -> int:
 
     def job() -> None:
         args = option_parser("scripts/quickstart.py", default_opt="options/quickstart.yml").parse_args(argv)
-        quickstart(load_options(TrainOptions, args.opt, args.set), args.opt, command_line("scripts/quickstart.py", argv))
+        opts = load_options(TrainOptions, args.opt, args.set)
+        quickstart(opts, args.opt, command_line("scripts/quickstart.py", argv))
 
     return run_cli(job)
 

@@ -1,6 +1,6 @@
 """Visual comparison figure: the same HR-space box cropped from HR, bicubic and each network's SR output.
 
-    python scripts/visual_compare.py --image  (or condiquant-compare --image datasets/benchmark/Set5/HR/butterfly.png --scale 4 \\
+    python scripts/visual_compare.py --image datasets/benchmark/Set5/HR/butterfly.png --scale 4 \\
         --box 112 112 64 64 --entry FP=options/test/IMDN_x4.yml \\
         --entry "2DQuant W2A2=experiments/imdn_x4_2dquant_W2A2/models/net_q_latest.pth" \\
         --network options/test/IMDN_x4.yml --out docs/figures/visual_IMDN_x4_butterfly.png [--zoom 4]

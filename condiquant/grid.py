@@ -212,8 +212,8 @@ def run_seed(table: TableOptions, cache: Cache, method: str, bits: int, seed: in
 
 def describe(opts: TrainOptions) -> Dict[str, Any]:
     """What a reader needs beside the numbers: weight granularity, whether every quantized product runs on
-    integer operands (``deployable``: uniform grids only; dual-region and log√2 grids have no integer kernel), the levels
-    per quantizer, and the training budget and variant."""
+    integer operands (``deployable``: uniform grids only; dual-region and log√2 grids have no integer kernel),
+    the levels per quantizer, and the training budget and variant."""
     from condiquant.quant.dual_region import region_points
 
     q = opts.quant

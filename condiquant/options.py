@@ -240,7 +240,8 @@ class NoiseAwareOptions:
     W = W0 (X^T Xq + rho I) (Xq^T Xq + rho I)^-1, Xq the layer's input after its activation quantizer."""
 
     # rho = ridge * trace(Xq^T Xq) / d: relative to the mean eigenvalue, so unitless. Default: parallel, 1e-2 is
-    # within 0.1 dB of the best parallel cell on both W3A3 validation ablations (results/stale_4414dd0/ablation_noise_aware_*, older code);
+    # within 0.1 dB of the best parallel cell on both W3A3 validation ablations (older code:
+    # results/stale_4414dd0/ablation_noise_aware_*);
     # the tables use each arch's chosen cell (IMDN: sequential, ridge 0.1, 32 crops; EMT: parallel, 1e-3, 16).
     ridge: float = 1.0e-2
     # What the ridge pulls W towards: w0 (the original weights) or zero (plain ridge regression)

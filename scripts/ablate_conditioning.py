@@ -124,7 +124,8 @@ def main() -> None:
 
     # CondiQuant's premise is that conditioning keeps every layer's output: a cell that moves some held-out layer
     # output by more than conditioning.tolerance is not a candidate, whatever its PSNR.
-    conditioned = [cell for cell in cells if cell["regularizer"] != "none" and cell["max_change_holdout"] <= c.tolerance]
+    conditioned = [cell for cell in cells
+                   if cell["regularizer"] != "none" and cell["max_change_holdout"] <= c.tolerance]
     best = max(conditioned, key=lambda cell: cell["val_psnr"]) if conditioned else None
     q = f"W{quant.w_bit}A{quant.a_bit}"
     rows = [f"# Conditioning ablation: {opts.network_g['type']} x{opts.scale} {q} (DOBI, no DQC)", "",

@@ -96,7 +96,8 @@ def main(args, command: str) -> dict:
     out = Path("results") / f"bench_deploy_{arch}_x{s}_W{b}A{b}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Deployment benchmark: {arch} x{s} W{b}A{b} ({opts.method})", "", f"`{command}`: {args.threads} threads, "
+    lines = [f"# Deployment benchmark: {arch} x{s} W{b}A{b} ({opts.method})", "",
+             f"`{command}`: {args.threads} threads, "
              f"median of {args.repeats} after a warm-up; integer model with 8-bit outputs of quantized layers.", "",
              "| runner | " + " | ".join(f"{k} s/img" for k in SIZES) + " | x FP32 torch (Urban100-sized) |",
              "|---|---|---|---|"]

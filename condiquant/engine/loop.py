@@ -192,7 +192,8 @@ def train_loop(model: nn.Module, ctx: PTQContext, opt: LoopOptions, phase: Phase
                 writer.add_scalar(f"losses/{k}", v, it)
             ctx.logger.info("[%s][iter %d/%d %s, lr %.2e] %s (%.2f s/iter)", ctx.opts.name, it, opt.total_iter,
                             phase.labels[g], lr,
-                            " ".join(f"{k} {v:.6f}" for k, v in logs.items()), (time.perf_counter() - tic) / (it - start))
+                            " ".join(f"{k} {v:.6f}" for k, v in logs.items()),
+                            (time.perf_counter() - tic) / (it - start))
         if it % opt.val_freq == 0 or it == opt.total_iter:
             with ema.applied() if ema is not None else nullcontext():
                 psnr = validation_psnr(model, ctx)
@@ -230,7 +231,8 @@ def _save_state(ctx: PTQContext, it: int, model: nn.Module, optimizers, ema: Opt
                 rng: np.random.Generator, best: Best, record: dict) -> None:
     state = {"params": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
              # step factors come from the initial bounds, which a resumed run no longer has
-             "scales": [getattr(o, "_scales", None) for o in optimizers], "ema": ema.shadow if ema is not None else None,
+             "scales": [getattr(o, "_scales", None) for o in optimizers],
+             "ema": ema.shadow if ema is not None else None,
              "rng": rng.bit_generator.state, "iter": it, "best": list(best), "options": record,
              "summary": dict(ctx.summary)}
     atomic_torch_save(state, ctx.exp_dir / "training_states" / f"{it}.state")
