@@ -6,8 +6,9 @@ run resumes, and a cache entry can never go stale:
   thread count; a file (or an experiment checkpoint) whose key differs from the one asked for is recomputed;
 - each file also carries the ``code`` fingerprint of the package that made it (a hash of ``condiquant/``) and the
   git ``commit``; a file made by other code is reused only if ``--check`` re-ran at least two of that code's runs
-  on today's code and they agreed within the reported seed std (a *bridge*, ``results/<table>/bridges.json``);
-  otherwise it is recomputed.
+  on today's code and they agreed within the reported seed std (a *bridge*, ``results/<table>/bridges.json``), or
+  through a chain of such bridges (each link re-ran runs of its older code on its newer one; the table lists
+  every link it stands on); otherwise it is recomputed.
 
 Protocol (issue "Trustworthy tables"): a trained row runs ``seeds`` (more, ``extra_seeds``, when its validation
 std exceeds ``std_threshold``); each seed is scored on the calibration validation split and on ``seed_datasets``
@@ -134,9 +135,21 @@ class Cache:
         self.bridges: List[Dict[str, Any]] = (json.loads(self.bridges_path.read_text())
                                               if self.bridges_path.is_file() else [])
 
-    def bridged(self, code: str) -> Optional[Dict[str, Any]]:
-        return next((b for b in self.bridges if b["from_code"] == code and b["to_code"] == self.code and b["ok"]),
-                    None)
+    def chain(self, code: str) -> Optional[List[Dict[str, Any]]]:
+        """The agreeing bridges that lead from ``code`` to today's, oldest first ([] for today's code); None if
+        there is no such path. Each link re-ran cached runs of its older code on its newer one."""
+        paths: Dict[str, List[Dict[str, Any]]] = {self.code: []}
+        frontier = [self.code]
+        while frontier:  # breadth first, backwards from today's code
+            to = frontier.pop(0)
+            for b in self.bridges:
+                if b["ok"] and b["to_code"] == to and b["from_code"] not in paths:
+                    paths[b["from_code"]] = [b] + paths[to]
+                    frontier.append(b["from_code"])
+        return paths.get(code)
+
+    def bridged(self, code: str) -> bool:
+        return self.chain(code) is not None
 
     def get(self, path: Path, key: str) -> Optional[Dict[str, Any]]:
         if not path.is_file():
@@ -144,7 +157,7 @@ class Cache:
         unit = json.loads(path.read_text())
         if unit.get("key") != key:
             return None
-        return unit if unit.get("code") == self.code or self.bridged(unit.get("code", "")) else None
+        return unit if self.bridged(unit.get("code", "")) else None
 
     def put(self, path: Path, unit: Dict[str, Any]) -> Dict[str, Any]:
         unit = {**unit, "code": self.code, "commit": self.commit, "torch": torch.__version__}
@@ -225,9 +238,16 @@ def describe(opts: TrainOptions) -> Dict[str, Any]:
     deployable = q.a_quantizer == "uniform" and q.softmax_quantizer == "uniform"
     info: Dict[str, Any] = {"w_granularity": q.w_granularity, "deployable": deployable,
                             "levels": {"weights": 2 ** q.w_bit, "activations": act_levels}}
-    loop = opts.saft if opts.method in ("oaq", "condiquant_oaq") else opts.dqc if opts.method not in UNTRAINED else None
-    if loop is not None:
+    recon = opts.method in ("adaround", "brecq", "qdrop")
+    loop = (opts.saft if opts.method in ("oaq", "condiquant_oaq") else opts.recon if recon
+            else opts.dqc if opts.method not in UNTRAINED else None)
+    if recon:  # updates per reconstruction unit, on cached crops
+        r = opts.recon
+        info["budget"] = {"updates_per_unit": r.iters_per_block, "batch": r.batch_size, "patch": r.patch_size,
+                          "cached_crops": r.num_patches}
+    elif loop is not None:
         info["budget"] = {"updates": loop.total_iter, "batch": loop.batch_size, "patch": loop.patch_size}
+    if loop is not None:
         info["loop"] = {"lr": loop.lr, "lr_scale": loop.lr_scale, "warmup_iter": loop.warmup_iter,
                         "ema_decay": loop.ema_decay, "select": loop.select}
     return info
@@ -356,11 +376,10 @@ def render(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache:
                 + (f" ({paper.get('source')})" if paper else "") + "." if paper else ""),
              f"Cells from commits {', '.join(commits)} (package code {', '.join(codes)}; today's code "
              f"{cache.code})."]
-    for b in cache.bridges:
-        if b["to_code"] == cache.code and b["from_code"] in codes and b["from_code"] != cache.code:
-            lines.append(f"- code {b['from_code']} bridged to {b['to_code']} by `{b['command']}`: "
-                         + ", ".join(f"{c['cell']} s{c['seed']} {c['diff']:+.3f} dB (tol {c['tol']:.3f})"
-                                     for c in b["checked"]))
+    for b in {id(b): b for c in codes for b in cache.chain(c) or []}.values():  # every link a cell stands on
+        lines.append(f"- code {b['from_code']} bridged to {b['to_code']} by `{b['command']}`: "
+                     + ", ".join(f"{c['cell']} s{c['seed']} {c['diff']:+.3f} dB (tol {c['tol']:.3f})"
+                                 for c in b["checked"]))
     for label, v in table.variants.items():
         lines.append(f"- row `{label}`: method `{v.method}`, options `{v.train_opt or table.train_opt}`"
                      + "".join(f", `{k}={json.dumps(x)}`" for k, x in v.overrides.items()) + ".")
@@ -428,8 +447,9 @@ def check(opt_path: str, overrides: List[str], n: int, command: str, seed: Optio
     units = [u for u in units if "val_psnr" in u]
     if not units:
         raise SystemExit(f"{out_dir}: no cached trained run to check")
-    codes = [u["code"] for u in units if u["code"] != cache.code]  # what needs a bridge comes first: the most
-    common = max(set(codes), key=codes.count) if codes else None  # frequent older code, n of its runs
+    # what needs a bridge comes first: n runs of the most frequent older code that no chain of bridges reaches
+    codes = [u["code"] for u in units if not cache.bridged(u["code"])]
+    common = max(set(codes), key=codes.count) if codes else None
     older = [u for u in units if u["code"] == common]
     pool = older if len(older) >= n else units
     picked = random.Random(seed).sample(pool, min(n, len(pool)))

@@ -177,7 +177,7 @@ class BoundInitOptions:
 
 @dataclass
 class LoopOptions:
-    """The shared bound-training loop (``condiquant/engine/loop.py``): DQC and SAFT set these."""
+    """The shared training loop (``condiquant/engine/loop.py``): DQC, SAFT and reconstruction set these."""
 
     total_iter: int = 300  # updates (one batch each)
     batch_size: int = 4
@@ -324,7 +324,49 @@ class NoisyQuantOptions:
     patch_size: int = 48
 
 
-Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq", "noisyquant"]
+@dataclass
+class ReconOptions(LoopOptions):
+    """Reconstruction with learned rounding (methods ``adaround``: layer by layer, ``brecq``: block by block,
+    ``qdrop``: block by block with activation quantization randomly dropped), ``condiquant/methods/recon.py``.
+
+    Each unit (a block of ``blocks``, or a quantized layer outside every block; each quantized layer for adaround)
+    is trained for ``iters_per_block`` updates on ``batch_size`` of ``num_patches`` cached calibration crops, in
+    the order the network runs them: its inputs come from the quantized network with the earlier units done, its
+    target is the FP network's output of the unit. ``total_iter`` is not read (units x iters_per_block).
+    Rounding variables take ``lr``; activation bounds take ``act_lr`` in units of their range.
+    AdaRound / BRECQ: 20k iterations per block, batch 32, 1024 images, rounding weight 0.01 (on sums), beta
+    20 -> 2, warm-up 20%, QDrop p = 0.5. This CPU schedule is 100x shorter, so V needs a larger lr to reach 0 or 1
+    (Adam moves it ~lr per update; |V| ~ 2.4 is hard) and the regulariser a larger weight; ``lr``, ``act_lr`` and
+    ``round_weight`` were set on IMDN x4 W4A4's first block by its hard-rounded relative output MSE on the
+    cached calibration crops (0.81 with nearest rounding and trained bounds; 0.27 / 0.24 / 0.18 / 0.16 with
+    (round_weight, lr, act_lr) = (1, 0.05, 1e-3) / (10, 0.1, 1e-3) / (10, 0.1, 5e-3) / (10, 0.1, 2e-2)).
+    """
+
+    iters_per_block: int = 200
+    blocks: Optional[List[str]] = None  # module-name patterns; None: the placement's feature_modules
+    num_patches: int = 64  # cached calibration crops (LR)
+    batch_size: int = 8
+    lr: float = 0.1
+    act_lr: Optional[float] = 1e-2
+    lr_scale: Literal["absolute", "range"] = "range"
+    round_weight: float = 10.0  # weight of the mean rounding regulariser against the relative output MSE
+    beta: List[float] = field(default_factory=lambda: [20.0, 2.0])  # regulariser exponent, annealed linearly
+    round_warmup: float = 0.2  # share of a unit's updates before the regulariser starts
+    drop_prob: float = 0.5  # qdrop: per element, the FP activation replaces the quantized one with this probability
+    conditioning: bool = False  # run ``conditioning.passes`` first (as condiquant does before DQC)
+    val_freq: int = 1 << 30  # mid-run validation would score a half-rounded unit: only the end is validated
+    save_checkpoint_freq: int = 100
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.iters_per_block < 1 or self.num_patches < self.batch_size:
+            raise ConfigError(f"{where}: iters_per_block must be >= 1 and num_patches >= batch_size")
+        if len(self.beta) != 2 or not 0.0 <= self.round_warmup < 1.0 or not 0.0 <= self.drop_prob < 1.0:
+            raise ConfigError(f"{where}: beta is [start, end]; round_warmup and drop_prob must be in [0, 1)")
+
+
+Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq", "noisyquant",
+                 "adaround", "brecq", "qdrop"]
 
 
 @dataclass
@@ -343,6 +385,7 @@ class TrainOptions:
     conditioning: ConditioningOptions = field(default_factory=ConditioningOptions)
     saft: SAFTOptions = field(default_factory=SAFTOptions)
     noisyquant: NoisyQuantOptions = field(default_factory=NoisyQuantOptions)
+    recon: ReconOptions = field(default_factory=ReconOptions)
     device: str = "auto"
     num_threads: int = 0
     manual_seed: int = 0

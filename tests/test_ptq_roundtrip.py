@@ -118,6 +118,18 @@ def test_grid_recomputes_cells_of_other_options_or_unbridged_code(project):
     unit_path.write_text(json.dumps({**second, "code": "0000", "val_psnr": -1.0}))
     run_table(table, ["train_overrides={bound_init.dobi_steps: 50}"], "test")
     assert json.loads(unit_path.read_text())["val_psnr"] == -1.0  # bridged: reused as is
+    # A chain of agreeing bridges (older -> 0000 -> today's) stands too, and the table names both links;
+    # a chain with a failed link does not.
+    bridges = json.loads((project / "results" / "tiny_table" / "bridges.json").read_text())
+    older = {"from_code": "older", "to_code": "0000", "ok": True, "checked": [], "command": "c0"}
+    (project / "results" / "tiny_table" / "bridges.json").write_text(json.dumps(bridges + [older]))
+    unit_path.write_text(json.dumps({**second, "code": "older", "val_psnr": -2.0}))
+    md = run_table(table, ["train_overrides={bound_init.dobi_steps: 50}"], "test").read_text()
+    assert json.loads(unit_path.read_text())["val_psnr"] == -2.0
+    assert "code older bridged to 0000 by `c0`" in md and f"code 0000 bridged to {second['code']}" in md
+    (project / "results" / "tiny_table" / "bridges.json").write_text(json.dumps(bridges + [{**older, "ok": False}]))
+    run_table(table, ["train_overrides={bound_init.dobi_steps: 50}"], "test")
+    assert json.loads(unit_path.read_text())["val_psnr"] == second["val_psnr"]  # recomputed
 
 
 def test_check_reruns_cached_runs_and_bridges_old_code(project):

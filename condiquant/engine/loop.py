@@ -1,4 +1,4 @@
-"""The one loop that trains quantizer parameters against a loss: DQC and SAFT are instances of it.
+"""The one loop that trains quantizer parameters against a loss: DQC, SAFT and block reconstruction are instances.
 
 It owns what every trained method needs: random calibration crops (seeded), one Adam per parameter group with
 a per-iteration lr factor, optional range-relative steps, an exponential moving average (EMA) of the trained
@@ -36,7 +36,8 @@ from condiquant.quant.patterns import matches
 if TYPE_CHECKING:  # the methods package imports this module
     from condiquant.methods.context import PTQContext
 
-# (loss, scalars to log) for one batch of LR crops already scaled to the model's input range
+# (loss, scalars to log) for one batch: LR crops already scaled to the model's input range, or what
+# ``Phase.batch`` draws (e.g. indices into cached block inputs)
 LossFn = Callable[[torch.Tensor], Tuple[torch.Tensor, Dict[str, float]]]
 Best = Tuple[float, int]  # (calibration-validation PSNR, iteration)
 
@@ -94,13 +95,19 @@ def _scales(params: Sequence[nn.Parameter], scales: Dict[int, torch.Tensor]) -> 
 @dataclass
 class Phase:
     """What the loop trains: parameter groups (one Adam each), which group a given iteration updates, and the
-    factor on ``lr`` of group g at iteration it (1-based)."""
+    factor on ``lr`` of group g at iteration it (1-based).
+
+    ``batch(it, rng)``: the loss input of iteration ``it`` (default: random calibration crops). ``switch(old, new)``
+    is called whenever the trained group changes: before the first iteration (old None; also after a resume), between
+    groups, and after the last iteration (new None, before the final validation and checkpoint)."""
 
     groups: List[List[nn.Parameter]]
     scales: Dict[int, torch.Tensor]  # id(param) -> per-element step factor (quant.attach.step_scales)
     active: Callable[[int], int]
     lr_factor: Callable[[int, int], float]
     labels: Sequence[str] = ("bounds",)
+    batch: Optional[Callable[[int, np.random.Generator], torch.Tensor]] = None
+    switch: Optional[Callable[[Optional[int], Optional[int]], None]] = None
 
 
 def warmup_cosine(opt: LoopOptions, cosine: bool) -> Callable[[int, int], float]:
@@ -172,13 +179,20 @@ def train_loop(model: nn.Module, ctx: PTQContext, opt: LoopOptions, phase: Phase
     tic = time.perf_counter()
     before = ctx.summary.get("seconds_before_resume", 0.0)
     model.train(False)  # BatchNorm/Dropout stay in inference mode; only quantizer parameters learn
+    current: Optional[int] = None
     for it in tqdm(range(start + 1, opt.total_iter + 1), initial=start, total=opt.total_iter, desc=desc):
         g = phase.active(it)
+        if g != current and phase.switch is not None:
+            phase.switch(current, g)
+        current = g
         for i, group in enumerate(phase.groups):  # gradients only for the group this iteration trains
             for p in group:
                 p.requires_grad_(i == g)
-        lq = ctx.calib.random_crops(opt.batch_size, opt.patch_size, rng, opt.augment).to(ctx.device) * r
-        loss, logs = loss_fn(lq)
+        if phase.batch is not None:
+            x = phase.batch(it, rng)
+        else:
+            x = ctx.calib.random_crops(opt.batch_size, opt.patch_size, rng, opt.augment).to(ctx.device) * r
+        loss, logs = loss_fn(x)
         lr = opt.lr * phase.lr_factor(g, it)  # derived from the iteration: nothing to save for a resume
         for pg in optimizers[g].param_groups:
             pg["lr"] = lr
@@ -187,6 +201,8 @@ def train_loop(model: nn.Module, ctx: PTQContext, opt: LoopOptions, phase: Phase
         optimizers[g].step()
         if ema is not None:
             ema.update()
+        if it == opt.total_iter and phase.switch is not None:
+            phase.switch(current, None)
         if it % opt.print_freq == 0 or it == opt.total_iter:
             for k, v in logs.items():
                 writer.add_scalar(f"losses/{k}", v, it)

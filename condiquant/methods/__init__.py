@@ -5,7 +5,7 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from condiquant.methods import baselines, condiquant, noisyquant, oaq, twodquant
+from condiquant.methods import baselines, condiquant, noisyquant, oaq, recon, twodquant
 from condiquant.methods.context import PTQContext
 
 METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
@@ -17,4 +17,7 @@ METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
     "oaq": oaq.run,
     "condiquant_oaq": oaq.run_conditioned,
     "noisyquant": noisyquant.run,
+    "adaround": recon.adaround,
+    "brecq": recon.brecq,
+    "qdrop": recon.qdrop,
 }

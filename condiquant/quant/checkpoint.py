@@ -14,12 +14,14 @@ import torch.nn as nn
 from condiquant.archs import build_network
 from condiquant.config import ConfigError, from_dict, to_dict
 from condiquant.options import QuantOptions
+from condiquant.quant.adaround import baked_copy
 from condiquant.quant.attach import attach_quantizers
 
 
 def save_quantized(path: Path, model: nn.Module, network_g: Dict[str, Any], quant: QuantOptions) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    model = baked_copy(model)  # learned rounding is stored as the rounded weights
     torch.save({"params": model.state_dict(), "network_g": dict(network_g), "quant": to_dict(quant)}, tmp)
     tmp.replace(path)
 
