@@ -2,16 +2,20 @@
 """Size, storage ratio, MACs per layer type and 2DQuant-style speed-up of a network at several bit-widths.
 
     python scripts/model_cost.py -opt options/train/SwinIR_light_x4_2dquant.yml [--lr-size 128 128] \\
-        [--bits 4 3 2] [--include-position-bias] [--set key.path=value ...]
+        [--bits 4 3 2] [--include-position-bias] [--packed] [--set key.path=value ...]
 
-Cost depends only on shapes, so no weights are loaded. Placement and granularity come from the options' ``quant``
+Cost depends only on shapes, so no weights are loaded. ``--packed`` also writes the network (its random initial
+weights, MinMax weight bounds: a packed file's size depends only on shapes and bits) as a packed low-bit file
+(``condiquant/deploy/packed.py``) at each bit-width and reports its bytes against the theoretical size. Placement and granularity come from the options' ``quant``
 block; bit-width b means w_bit = a_bit = b. Counting rules: ``condiquant/quant/cost.py``. Writes
 ``results/model_cost_<options file stem>.md`` and prints it.
 """
 from __future__ import annotations
 
+import copy
 import shlex
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import List
@@ -20,7 +24,10 @@ from typing import List
 from condiquant.archs import build_network
 from condiquant.cli import option_parser, run_cli
 from condiquant.config import apply_overrides, from_dict, load_yaml
-from condiquant.options import TrainOptions
+from condiquant.deploy.packed import save_packed
+from condiquant.options import QuantOptions, TrainOptions
+from condiquant.quant.attach import attach_quantizers
+from condiquant.quant.calibrate import ObserverSpec, init_weight_bounds
 from condiquant.quant.cost import (KINDS, OpsCost, count_parameters, measure_ops, storage_cost,
                                    twodquant_ops, twodquant_supported)
 from condiquant.quant.presets import resolve_placement
@@ -45,8 +52,25 @@ def _ops_table(costs: List[OpsCost], bits: List[int], labels: List[str]) -> List
     return lines
 
 
+def _packed_table(model, quants: List[QuantOptions], network_g) -> List[str]:
+    lines = ["", "## Packed file", "",
+             "Written by `condiquant/deploy/packed.py` from the network's random initial weights (the size depends only on "
+             "shapes and bits); theoretical = 32 (P - Q) + b Q bits + 64 bits per (l, u) "
+             "pair of the weight quantizers (every other stored tensor, quantizer bounds included, at 32 bits).", "",
+             "| bits | packed file | theoretical | overhead |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for q in quants:
+            m = copy.deepcopy(model)
+            attach_quantizers(m, q)
+            init_weight_bounds(m, ObserverSpec("minmax"))
+            size = save_packed(Path(tmp) / "m.cqpack", m, network_g, q)
+            lines.append(f"| W{q.w_bit}A{q.a_bit} | {size.file_bytes:,} B | {size.theoretical_bytes:,.0f} B | "
+                         f"{100 * size.overhead:+.2f}% |")
+    return lines
+
+
 def render(source: str, command: str, opts: TrainOptions, bits: List[int], lr_size: List[int],
-           include_position_bias: bool) -> str:
+           include_position_bias: bool, packed: bool = False) -> str:
     model = build_network(opts.network_g, f"{source} network_g")
     arch = opts.network_g["type"]
     placement = resolve_placement(arch, opts.quant.placement, f"{source} quant.placement")
@@ -77,6 +101,8 @@ def render(source: str, command: str, opts: TrainOptions, bits: List[int], lr_si
         "## Storage", "",
         "| bits | FP size | quantized size | storage ratio |", "|---|---|---|---|"]
     lines += [f"| W{b}A{b} | {_size(s.fp_bits)} | {_size(s.bits)} | {s.ratio:.2f} |" for b, s in zip(bits, storage)]
+    if packed:
+        lines += _packed_table(model, quants, opts.network_g)
     lines += ["", f"## Operations at LR {h}x{w}, measured", ""]
     lines += _ops_table(measured, bits, ["type", "Linear", "MatMul (attention products)", "Conv2d",
                                          "other (normalisation elements)"])
@@ -98,10 +124,11 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="bit-widths b (WbAb)")
     parser.add_argument("--include-position-bias", action="store_true",
                         help="count SwinIR's relative-position-bias tables in P")
+    parser.add_argument("--packed", action="store_true", help="also write packed files and report their sizes")
     args = parser.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/model_cost.py", *argv])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
-    text = render(args.opt, command, opts, args.bits, args.lr_size, args.include_position_bias)
+    text = render(args.opt, command, opts, args.bits, args.lr_size, args.include_position_bias, args.packed)
     out = Path("results") / f"model_cost_{Path(args.opt).stem}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

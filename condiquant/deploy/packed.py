@@ -9,8 +9,9 @@ range in ``data``. A quantized weight (one entry per weight quantizer: a Linear 
 stored as its quantizer's ``lower`` and ``upper`` (FP32, one pair per tensor or per output channel) followed by
 the codes r = round((clip(w, l, u) - l) / s), s = (u - l) / (2^b - 1), packed b bits each, little-endian.
 Unpacking computes r * s + l in FP32, exactly what the fake quantizer outputs, so the loaded model's outputs are
-bit-identical to the fake-quant checkpoint's. Sizes: ``theoretical_bits`` is 32 (P - Q) + b Q plus 64 bits per
-scale pair (P: every floating-point tensor element stored, Q: the quantized weights).
+bit-identical to the fake-quant checkpoint's. Buffers that building the network recreates exactly (attention masks,
+position indices, fixed mean shifts) are not stored. Sizes: ``theoretical_bits`` is 32 (P - Q) + b Q plus 64 bits
+per scale pair (P: every floating-point tensor element stored, Q: the quantized weights).
 """
 from __future__ import annotations
 
@@ -97,8 +98,12 @@ def save_packed(path: Path, model: nn.Module, network_g: Dict[str, Any], quant: 
         packed_weights |= {f"{module_name}.weight", f"{name}.lower", f"{name}.upper"}
         bits_total += q.n_bits * w.numel() + 64 * q.lower.numel()
         quantized += w.numel()
+    # buffers the loader's fresh build makes by itself (SwinIR's attention masks and position indices, EMT's
+    # mean shifts): not stored
+    derived = {n: b for n, b in build_network(network_g).named_buffers()}
     for name, t in sd.items():
-        if name in packed_weights:
+        if name in packed_weights or (name in derived and derived[name].shape == t.shape
+                                      and torch.equal(derived[name], t.detach().cpu())):
             continue
         if t.is_floating_point():
             add({"name": name, "kind": "fp", "shape": list(t.shape), "dtype": "f4"},
