@@ -41,7 +41,7 @@ from condiquant.runtime import LOG_FORMAT
 
 log = logging.getLogger("condiquant")
 PACKAGE = Path(__file__).resolve().parent
-UNTRAINED = ("minmax", "percentile", "dobi", "noisyquant")
+UNTRAINED = ("minmax", "percentile", "dobi", "noisyquant", "repq")
 
 
 def code_fingerprint() -> str:

@@ -366,7 +366,7 @@ class ReconOptions(LoopOptions):
 
 
 Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq", "noisyquant",
-                 "adaround", "brecq", "qdrop"]
+                 "adaround", "brecq", "qdrop", "repq"]
 
 
 @dataclass
@@ -394,6 +394,9 @@ class TrainOptions:
         check_model_options(self, where)
         if self.method in ("oaq", "condiquant_oaq") and self.quant.a_quantizer != "dual_region":
             raise ConfigError(f"{where} quant.a_quantizer: method {self.method} needs 'dual_region'")
+        if self.method == "repq" and self.quant.softmax_quantizer != "log2":
+            raise ConfigError(f"{where} quant.softmax_quantizer: method repq needs 'log2' (RepQ-ViT's post-softmax "
+                              f"quantizer)")
         if (self.method == "noisyquant") != self.quant.noisy_bias:
             raise ConfigError(f"{where} quant.noisy_bias: true exactly when method is noisyquant")
 

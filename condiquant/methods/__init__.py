@@ -5,7 +5,7 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from condiquant.methods import baselines, condiquant, noisyquant, oaq, recon, twodquant
+from condiquant.methods import baselines, condiquant, noisyquant, oaq, recon, repq, twodquant
 from condiquant.methods.context import PTQContext
 
 METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
@@ -20,4 +20,5 @@ METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
     "adaround": recon.adaround,
     "brecq": recon.brecq,
     "qdrop": recon.qdrop,
+    "repq": repq.run,
 }

@@ -113,7 +113,8 @@ def unit_inputs(model: nn.Module, name: str, batches: List[torch.Tensor]) -> Arg
 
 @torch.no_grad()
 def unit_outputs(model: nn.Module, names: List[str], batches: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The outputs of modules ``names`` of ``model`` on ``batches``, each joined on the batch axis."""
+    """The outputs of modules ``names`` of ``model`` on ``batches``, each joined on the batch axis (each forward
+    stops once all of them have run)."""
     outs: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
     handles = []
     for n in names:
@@ -121,10 +122,15 @@ def unit_outputs(model: nn.Module, names: List[str], batches: List[torch.Tensor]
             if not isinstance(out, torch.Tensor):
                 raise ValueError(f"recon: unit {n} returns {type(out).__name__}, not a tensor")
             outs[n].append(out.detach())
+            if all(len(v) == len(outs[n]) for v in outs.values()):
+                raise _Stop
         handles.append(model.get_submodule(n).register_forward_hook(hook))
     try:
         for b in batches:
-            model(b)
+            try:
+                model(b)
+            except _Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -139,7 +145,7 @@ class _Reconstruction:
         self.model, self.ctx, self.units, self.crops = model, ctx, units, crops
         self.opt = ctx.opts.recon
         self.drop_prob = drop_prob
-        self.targets: Dict[str, torch.Tensor] = {}
+        self.target: Optional[torch.Tensor] = None
         self.inputs: Optional[Args] = None
         self.unit: Optional[int] = None
         self.local_it = 0
@@ -169,10 +175,10 @@ class _Reconstruction:
         if new is None:
             return
         self.unit = new
-        if not self.targets:  # FP outputs of every unit, once (the FP model never changes)
-            self.targets = unit_outputs(self.ctx.fp_model, self.units, self.crops)
-        self.inputs = unit_inputs(self.model, self.units[new], self.crops)
-        self.power = float(self.targets[self.units[new]].pow(2).mean().clamp_min(1e-12))
+        name = self.units[new]  # FP target and quantized inputs of this unit only: layer-wise units are many
+        self.target = unit_outputs(self.ctx.fp_model, [name], self.crops)[name]
+        self.inputs = unit_inputs(self.model, name, self.crops)
+        self.power = float(self.target.pow(2).mean().clamp_min(1e-12))
         for q in self.rounding[new]:
             q.hard = False
         if self.drop_prob > 0:
@@ -191,7 +197,7 @@ class _Reconstruction:
         mod = self.model.get_submodule(self.units[unit])
         idx = torch.arange(min(self.opt.num_patches, 16))
         args, kwargs = _take(self.inputs, idx)
-        err = float((mod(*args, **kwargs) - self.targets[self.units[unit]][idx]).pow(2).mean()) / self.power
+        err = float((mod(*args, **kwargs) - self.target[idx]).pow(2).mean()) / self.power
         self.ctx.logger.info("recon %s: relative output MSE %.3e with hard rounding (soft share at the end %.3f)",
                              self.units[unit], err, soft)
         self.ctx.summary.setdefault("recon_units", {})[self.units[unit]] = {"rel_mse": err, "soft_share": soft}
@@ -212,7 +218,7 @@ class _Reconstruction:
     def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         args, kwargs = _take(self.inputs, idx)
         mod = self.model.get_submodule(self.units[self.unit])
-        rec = (mod(*args, **kwargs) - self.targets[self.units[self.unit]][idx]).pow(2).mean() / self.power
+        rec = (mod(*args, **kwargs) - self.target[idx]).pow(2).mean() / self.power
         beta, rq = self.beta(), self.rounding[self.unit]
         reg = torch.zeros(())
         if beta is not None and rq:
