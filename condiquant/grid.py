@@ -240,7 +240,7 @@ def describe(opts: TrainOptions) -> Dict[str, Any]:
                             "levels": {"weights": 2 ** q.w_bit, "activations": act_levels}}
     recon = opts.method in ("adaround", "brecq", "qdrop")
     loop = (opts.saft if opts.method in ("oaq", "condiquant_oaq") else opts.recon if recon
-            else opts.dqc if opts.method not in UNTRAINED else None)
+            else opts.pac if opts.method == "dbdc_pac" else opts.dqc if opts.method not in UNTRAINED else None)
     if recon:  # updates per reconstruction unit, on cached crops
         r = opts.recon
         info["budget"] = {"updates_per_unit": r.iters_per_block, "batch": r.batch_size, "patch": r.patch_size,

@@ -169,10 +169,12 @@ class CalibOptions:
 
 @dataclass
 class BoundInitOptions:
-    # Settings of the observer the method uses (minmax / percentile / dobi).
+    # Settings of the observer the method uses (minmax / percentile / dobi / dbdc).
     percentile: float = 99.99
     dobi_steps: int = 100
     max_samples: int = 1 << 20  # per-quantizer value sample for percentile/DOBI (exact min/max always)
+    density_ratio: float = 1e-4  # dbdc (PTQ4SR's density-based dual clipping): share of the values clipped
+    density_ratio_8bit: float = 1e-5  # ... at 8 bits (the released code's values)
 
 
 @dataclass
@@ -325,6 +327,29 @@ class NoisyQuantOptions:
 
 
 @dataclass
+class PaCOptions(LoopOptions):
+    """PTQ4SR's pixel-aware calibration (method ``dbdc_pac``): the first half of ``total_iter`` trains the
+    activation bounds at ``lr``, the second the weight bounds at ``weight_lr``, each cosine-decayed to
+    ``end_factor`` of its lr; the loss is the L1 to the FP output. Released code: 250 + 250 updates, batch 2,
+    HR 192 (LR 48 at x4), Adam 5e-3 -> 2e-3 and 5e-6 -> 2e-6."""
+
+    total_iter: int = 500
+    batch_size: int = 2
+    patch_size: int = 48
+    lr: float = 5e-3
+    weight_lr: float = 5e-6
+    end_factor: float = 0.4
+    val_freq: int = 500
+    save_checkpoint_freq: int = 50
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.total_iter % 2 or self.lr_scale != "absolute" or self.act_lr is not None:
+            raise ConfigError(f"{where}: total_iter must be even (two phases); lr_scale absolute, act_lr unset "
+                              f"(weight_lr sets the second phase)")
+
+
+@dataclass
 class ReconOptions(LoopOptions):
     """Reconstruction with learned rounding (methods ``adaround``: layer by layer, ``brecq``: block by block,
     ``qdrop``: block by block with activation quantization randomly dropped), ``condiquant/methods/recon.py``.
@@ -366,7 +391,7 @@ class ReconOptions(LoopOptions):
 
 
 Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq", "noisyquant",
-                 "adaround", "brecq", "qdrop", "repq"]
+                 "adaround", "brecq", "qdrop", "repq", "dbdc_pac"]
 
 
 @dataclass
@@ -386,6 +411,7 @@ class TrainOptions:
     saft: SAFTOptions = field(default_factory=SAFTOptions)
     noisyquant: NoisyQuantOptions = field(default_factory=NoisyQuantOptions)
     recon: ReconOptions = field(default_factory=ReconOptions)
+    pac: PaCOptions = field(default_factory=PaCOptions)
     device: str = "auto"
     num_threads: int = 0
     manual_seed: int = 0

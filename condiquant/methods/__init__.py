@@ -5,7 +5,7 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from condiquant.methods import baselines, condiquant, noisyquant, oaq, recon, repq, twodquant
+from condiquant.methods import baselines, condiquant, dbdc_pac, noisyquant, oaq, recon, repq, twodquant
 from condiquant.methods.context import PTQContext
 
 METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
@@ -21,4 +21,5 @@ METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
     "brecq": recon.brecq,
     "qdrop": recon.qdrop,
     "repq": repq.run,
+    "dbdc_pac": dbdc_pac.run,
 }

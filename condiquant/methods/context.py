@@ -52,7 +52,8 @@ class PTQContext:
 
     def init_bounds(self, model: nn.Module, observer: str) -> None:
         b = self.opts.bound_init
-        spec = ObserverSpec(observer, b.percentile, b.dobi_steps, b.max_samples, self.opts.calib.seed)
+        spec = ObserverSpec(observer, b.percentile, b.dobi_steps, b.max_samples, self.opts.calib.seed,
+                            b.density_ratio, b.density_ratio_8bit)
         n = init_bounds(model, self.calibration_batches(), spec, self.quant.placement.one_direction,
                         self.input_range)
         self.logger.info("initialised %d quantizers with %s", n, observer)

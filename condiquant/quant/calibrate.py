@@ -16,7 +16,7 @@ from tqdm import tqdm
 from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionObserver, DualRegionQuantizer
 from condiquant.quant.log2 import Log2Quantizer
-from condiquant.quant.observers import DOBIObserver, MinMaxObserver, PercentileObserver
+from condiquant.quant.observers import DensityObserver, DOBIObserver, MinMaxObserver, PercentileObserver
 from condiquant.quant.patterns import matches
 from condiquant.quant.quantizer import Observer, UniformQuantizer
 
@@ -25,11 +25,13 @@ from condiquant.quant.quantizer import Observer, UniformQuantizer
 class ObserverSpec:
     """Which observer to build, with its settings (from YAML ``bound_init``)."""
 
-    kind: str  # minmax | percentile | dobi
+    kind: str  # minmax | percentile | dobi | dbdc
     percentile: float = 99.99
     dobi_steps: int = 100
     max_samples: int = 1 << 20
     seed: int = 0
+    density_ratio: float = 1e-4  # dbdc: the share of values clipped (PTQ4SR: 1e-4, and 1e-5 at 8 bits)
+    density_ratio_8bit: float = 1e-5
 
     def build(self, q: UniformQuantizer, one_direction: bool) -> Observer:
         """The observer of ``kind``; dual-region quantizers always get OAQ's min/max + |x|-percentile one."""
@@ -43,6 +45,8 @@ class ObserverSpec:
         if self.kind == "percentile":
             return PercentileObserver(self.percentile, channel_axis=axis, max_samples=self.max_samples,
                                       seed=self.seed)
+        if self.kind == "dbdc":
+            return DensityObserver(self.density_ratio_8bit if q.n_bits >= 8 else self.density_ratio)
         if self.kind == "dobi":
             return DOBIObserver(self.dobi_steps, one_direction, channel_axis=axis, max_samples=self.max_samples,
                                 seed=self.seed)

@@ -1,4 +1,5 @@
-"""Range observers: MinMax, Percentile and DOBI (2DQuant's Distribution-Oriented Bound Initialization).
+"""Range observers: MinMax, Percentile, DOBI (2DQuant's Distribution-Oriented Bound Initialization) and
+density-based dual clipping (PTQ4SR's DBDC).
 
 Observers see a quantizer's input during calibration and return (lower, upper). Per-channel observers treat
 axis ``channel_axis`` as channels. Percentile and DOBI keep a uniform random sample of at most ``max_samples``
@@ -114,3 +115,41 @@ class DOBIObserver(_SamplingObserver):
 
     def bounds(self, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         return dobi_search(self.samples(), self.lo.cpu(), self.hi.cpu(), n_bits, self.steps, self.one_direction)
+
+
+def density_clip(x: torch.Tensor, ratio: float, bins: int = 2048) -> tuple[float, float]:
+    """PTQ4SR's DBDC on one tensor: histogram of ``bins`` bins over [min, max]; while more than (1 - ratio) of the
+    values remain, drop the edge bin holding fewer values (the upper one on ties). Returns the left edge of the first
+    kept bin and the right edge of the last (the released code takes the lower bound one bin further right)."""
+    lo_v, hi_v = float(x.min()), float(x.max())
+    if hi_v <= lo_v:
+        return lo_v, hi_v
+    hist = torch.histc(x.float(), bins=bins, min=lo_v, max=hi_v).double().numpy()
+    keep = (1.0 - ratio) * x.numel()
+    lo, hi, total = 0, bins - 1, hist.sum()
+    while lo < hi and total > keep:
+        if hist[lo] < hist[hi]:
+            total -= hist[lo]
+            lo += 1
+        else:
+            total -= hist[hi]
+            hi -= 1
+    width = (hi_v - lo_v) / bins
+    return lo_v + lo * width, lo_v + (hi + 1) * width
+
+
+class DensityObserver(Observer):
+    """DBDC per tensor on every calibration batch; the bounds are their mean over the batches (as PTQ4SR)."""
+
+    def __init__(self, ratio: float = 1e-4):
+        self.ratio = ratio
+        self.found: List[tuple[float, float]] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.found.append(density_clip(x, self.ratio))
+
+    def bounds(self, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.found:
+            raise RuntimeError("observer saw no data (the module was never called during calibration)")
+        lo, hi = torch.tensor(self.found, dtype=torch.float64).mean(dim=0)
+        return lo.float().reshape(1), hi.float().reshape(1)
