@@ -88,6 +88,8 @@ def main_reproduce(argv: Optional[List[str]] = None) -> int:
     parser = option_parser("scripts/reproduce.py")
     parser.add_argument("--check", type=int, default=0, metavar="N", help="re-run N random cached runs and compare")
     parser.add_argument("--seed", type=int, default=None, help="which runs --check picks (default: random)")
+    parser.add_argument("--cached", action="store_true",
+                        help="compute nothing: write the table from cached runs, list the missing cells as pending")
 
     def job() -> None:
         args = parser.parse_args(argv)
@@ -95,7 +97,7 @@ def main_reproduce(argv: Optional[List[str]] = None) -> int:
         if args.check:
             print(json.dumps(check(args.opt, args.set, args.check, command, args.seed), indent=1))
         else:
-            print(run_table(args.opt, args.set, command).read_text())
+            print(run_table(args.opt, args.set, command, cached=args.cached).read_text())
 
     return run_cli(job)
 

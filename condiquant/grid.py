@@ -26,7 +26,7 @@ import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -124,10 +124,16 @@ def run_key(train: Optional[TrainOptions], test: TestOptions, seed: int, threads
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Cache:
-    """The cells folder of a table, with the bridges that let runs of older code stand."""
+class Missing(Exception):
+    """A run the table needs is not cached, and the cache is read-only (``--cached``)."""
 
-    def __init__(self, out_dir: Path):
+
+class Cache:
+    """The cells folder of a table, with the bridges that let runs of older code stand; ``readonly``: a run that
+    is not cached raises :class:`Missing` instead of being computed."""
+
+    def __init__(self, out_dir: Path, readonly: bool = False):
+        self.readonly = readonly
         self.dir = out_dir / "cells"
         self.code = code_fingerprint()
         self.commit = git_commit()
@@ -152,12 +158,12 @@ class Cache:
         return self.chain(code) is not None
 
     def get(self, path: Path, key: str) -> Optional[Dict[str, Any]]:
-        if not path.is_file():
-            return None
-        unit = json.loads(path.read_text())
-        if unit.get("key") != key:
-            return None
-        return unit if self.bridged(unit.get("code", "")) else None
+        unit = json.loads(path.read_text()) if path.is_file() else None
+        if unit is not None and unit.get("key") == key and self.bridged(unit.get("code", "")):
+            return unit
+        if self.readonly:
+            raise Missing(path)
+        return None
 
     def put(self, path: Path, unit: Dict[str, Any]) -> Dict[str, Any]:
         unit = {**unit, "code": self.code, "commit": self.commit, "torch": torch.__version__}
@@ -404,20 +410,26 @@ def render(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache:
     return "\n".join(lines) + "\n"
 
 
-def _write(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache: Cache) -> Path:
+def _write(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache: Cache,
+           pending: Sequence[str] = ()) -> Path:
     md = Path("results") / f"{table.name}.md"
-    atomic_write_text(md, render(table, rows, command, cache))
+    text = render(table, rows, command, cache)
+    if pending:
+        text += f"\nPending (not yet computed): {', '.join(pending)}.\n"
+    atomic_write_text(md, text)
     atomic_write_text(Path("results") / f"{table.name}.json", json.dumps(
         {"command": command, "code": cache.code, "commit": cache.commit, "seeds": table.seeds,
-         "rows": rows}, indent=1))
+         "rows": rows, "pending": list(pending)}, indent=1))
     return md
 
 
-def run_table(opt_path: str, overrides: List[str], command: str) -> Path:
+def run_table(opt_path: str, overrides: List[str], command: str, cached: bool = False) -> Path:
+    """Compute (or reuse) every cell and write the table; ``cached``: compute nothing, write the cells whose runs
+    are all cached and list the others as pending."""
     table = load_table(opt_path, overrides)
     out_dir = Path("results") / table.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = Cache(out_dir)
+    cache = Cache(out_dir, readonly=cached)
     # One log for the whole table (appended across resumed runs), beside the per-run logs.
     handler = logging.FileHandler(Path("results") / f"{table.name}.log")
     handler.setFormatter(LOG_FORMAT)
@@ -425,16 +437,22 @@ def run_table(opt_path: str, overrides: List[str], command: str) -> Path:
     log.setLevel(logging.INFO)  # before the first run's logger setup, or this line is dropped
     log.info("table %s: %s (code %s, commit %s)", table.name, command, cache.code, cache.commit)
     rows: List[Dict[str, Any]] = []
+    pending: List[str] = []
     try:
         for method, bits in cells(table):
             tic = time.perf_counter()
-            rows.append(run_cell(table, cache, method, bits))
+            try:
+                rows.append(run_cell(table, cache, method, bits))
+            except Missing:
+                pending.append(_cell_id(method, bits))
+                continue
             log.info("cell %s ready (%.0f s)", rows[-1]["cell"], time.perf_counter() - tic)
-            _write(table, rows, command, cache)
+            if not cached:
+                _write(table, rows, command, cache)
     finally:
         log.removeHandler(handler)
         handler.close()
-    return _write(table, rows, command, cache)
+    return _write(table, rows, command, cache, pending)
 
 
 def check(opt_path: str, overrides: List[str], n: int, command: str, seed: Optional[int] = None) -> Dict[str, Any]:

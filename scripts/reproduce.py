@@ -6,6 +6,8 @@ cached in results/<table>/cells/ under a key of their options, seed and threads 
 them, so rerunning the command continues where it stopped and never reuses a stale run. Writes
 results/<table>.md/.json.
 
+``--cached``: compute nothing; write the table from the cached runs and list the cells still missing.
+
 ``--check N``: re-run N random cached trained runs on today's code and compare their validation PSNR with the
 cached one (tolerance: the cell's seed std, at least 0.02 dB); results/<table>_check.json. Runs of older code
 that all agree (at least two) are bridged to today's code and reused by the next table run.

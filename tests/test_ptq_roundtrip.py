@@ -98,6 +98,19 @@ def test_grid_runner_writes_table_with_seeds_and_resumes_from_cache(project):
     assert not any("archived" in p.name for p in (project / "experiments").iterdir())
 
 
+def test_cached_table_computes_nothing_and_lists_pending_cells(project):
+    from condiquant.grid import run_table
+
+    table = _tiny_table(project, methods=["dobi"], bits=[4, 2], include_fp=False, include_bicubic=False)
+    md = run_table(table, [], "test", cached=True).read_text()
+    assert "Pending (not yet computed): dobi_W4A4, dobi_W2A2." in md and not (project / "experiments").exists()
+    full = run_table(table, ["bits=[4]"], "test").read_text()
+    md = run_table(table, [], "test", cached=True).read_text()
+    assert "Pending (not yet computed): dobi_W2A2." in md
+    assert [ln for ln in md.splitlines() if ln.startswith("| dobi | 4 |")] == \
+        [ln for ln in full.splitlines() if ln.startswith("| dobi | 4 |")]
+
+
 def test_grid_recomputes_cells_of_other_options_or_unbridged_code(project):
     from condiquant.grid import run_table
 
