@@ -154,3 +154,14 @@ def test_unmatched_blocks_is_a_one_line_error(project, capsys):
     opts = _recon_options("brecq", blocks=["nothing.*"])
     assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 2
     assert "recon.blocks" in capsys.readouterr().err
+
+
+def test_recon_after_the_noise_aware_pass_keeps_its_weights_as_the_start(project):
+    opts = _recon_options("brecq", conditioning=True)
+    opts["conditioning"] = {"passes": ["noise_aware"], "num_patches": 4, "patch_size": 12, "holdout_patches": 2}
+    assert main_train(["-opt", write_yaml(project, "na.yml", opts)]) == 0
+    exp = project / "experiments" / "tiny_brecq"
+    assert (exp / "noise_aware.json").is_file()
+    model = assert_quantized(project, exp / "models" / "net_q_latest.pth")
+    with torch.no_grad():
+        assert all(torch.equal(q(w), w) for _, q, w in weight_quantizer_inputs(model))
