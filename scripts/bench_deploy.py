@@ -4,12 +4,14 @@ quantized every forward, and once at load), FP32 ONNX Runtime and integer ONNX R
 fake-quant checkpoint, packed, theoretical, ONNX); PSNR of the integer model against the fake-quant model of the
 same bits on Set5 and Urban100.
 
-    python scripts/bench_deploy.py -opt options/train/IMDN_x4_2dquant.yml --bits 8 [--method dobi]
+    python scripts/bench_deploy.py -opt options/train/IMDN_x4_2dquant.yml --bits 8 [--w-bits 4] [--method dobi]
         [--tile 64] [--repeats 3] [--threads 2] [--set key=value ...]
 
 The quantized model is calibrated here with ``--method`` (default DOBI: no training, so the benchmark measures
 the runtime, not a method). Sizes of the inputs: a Set5-sized (128x128 LR) and an Urban100-sized (256x192 LR)
-image. Writes ``results/bench_deploy_<arch>_x<scale>_W<b>A<b>.json`` and its ``.md`` twin, naming this command.
+image. ``--w-bits``: weights at other bits than activations (W4A8: 4-bit weight grids run by the same int8 kernels,
+since ONNX Runtime has no sub-byte convolution; the packed file carries the 4-bit size). Writes
+``results/bench_deploy_<arch>_x<scale>_W<w>A<b>.json`` and its ``.md`` twin, naming this command.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ def timed(fn, x: torch.Tensor, repeats: int) -> float:
 
 
 def main(args, command: str) -> dict:
-    opts = load_options(TrainOptions, args.opt, args.set + [f"quant.w_bit={args.bits}", f"quant.a_bit={args.bits}",
+    wb = args.w_bits or args.bits
+    opts = load_options(TrainOptions, args.opt, args.set + [f"quant.w_bit={wb}", f"quant.a_bit={args.bits}",
                                                              f"method={args.method}", f"num_threads={args.threads}"])
     work = Path(tempfile.mkdtemp(prefix="bench_deploy_"))
     ctx = validation_context(opts, args.opt, work, logging.getLogger("condiquant"))
@@ -83,7 +86,7 @@ def main(args, command: str) -> dict:
         psnr[name] = {"fakequant": score_dataset(frozen, data, s, val, ctx.device).psnr,
                       "int": score_dataset(runners["INT ONNX Runtime"], data, s, val, ctx.device).psnr}
     big = latency["Urban100-sized"]  # the ratios are taken on the larger input
-    report = {"command": command, "model": f"{arch}_x{s}", "bits": b, "method": opts.method, "threads": args.threads,
+    report = {"command": command, "model": f"{arch}_x{s}", "bits": b, "w_bits": wb, "method": opts.method, "threads": args.threads,
               "latency_s": latency, "throughput_img_per_s": {k: {n: 1 / t for n, t in v.items()}
                                                            for k, v in latency.items()},
               "int8_speedup_vs_fp32_torch": big["FP32 torch"] / big["INT ONNX Runtime"],
@@ -93,10 +96,10 @@ def main(args, command: str) -> dict:
               "fakequant_checkpoint_bytes": (work / "q.pth").stat().st_size, "onnx_bytes": int_onnx.stat().st_size,
               "optimized_ops": optimized_ops(int_onnx),
               "psnr_int8": psnr["Set5"]["int"], "psnr_fakequant": psnr["Set5"]["fakequant"], "psnr": psnr}
-    out = Path("results") / f"bench_deploy_{arch}_x{s}_W{b}A{b}"
+    out = Path("results") / f"bench_deploy_{arch}_x{s}_W{wb}A{b}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Deployment benchmark: {arch} x{s} W{b}A{b} ({opts.method})", "",
+    lines = [f"# Deployment benchmark: {arch} x{s} W{wb}A{b} ({opts.method})", "",
              f"`{command}`: {args.threads} threads, "
              f"median of {args.repeats} after a warm-up; integer model with 8-bit outputs of quantized layers.", "",
              "| runner | " + " | ".join(f"{k} s/img" for k in SIZES) + " | x FP32 torch (Urban100-sized) |",
@@ -116,7 +119,8 @@ def main(args, command: str) -> dict:
 
 if __name__ == "__main__":
     parser = option_parser("scripts/bench_deploy.py")
-    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--bits", type=int, default=8, help="activation bits (and weight bits without --w-bits)")
+    parser.add_argument("--w-bits", type=int, default=None, help="weight bits, if not --bits")
     parser.add_argument("--method", default="dobi")
     parser.add_argument("--tile", type=int, default=None, help="fixed LR tile for window-attention archs")
     parser.add_argument("--repeats", type=int, default=3)
