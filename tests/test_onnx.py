@@ -114,7 +114,8 @@ def test_infer_onnx_writes_one_image_per_input(tmp_path):
     assert [read_image(tmp_path / "out" / f"a{i}.png").shape for i in range(2)] == [(20, 24, 3), (22, 24, 3)]
 
 
-def test_bench_deploy_writes_every_acceptance_field(project):
+@pytest.mark.parametrize("w_bits", [None, 4])
+def test_bench_deploy_writes_every_acceptance_field(project, w_bits):
     import argparse
     import shutil
 
@@ -125,10 +126,10 @@ def test_bench_deploy_writes_every_acceptance_field(project):
     write_yaml(project, "train.yml", train_options("dobi"))
     bench = load_script("bench_deploy")
     bench.SIZES = {"Set5-sized": (16, 16), "Urban100-sized": (20, 24)}
-    report = bench.main(argparse.Namespace(opt="train.yml", set=[], bits=8, method="dobi", tile=None, repeats=1,
-                                           threads=1), "bench")
+    report = bench.main(argparse.Namespace(opt="train.yml", set=[], bits=8, w_bits=w_bits, method="dobi", tile=None,
+                                           repeats=1, threads=1), "bench")
     import json
-    saved = json.loads((project / "results" / "bench_deploy_IMDN_x2_W8A8.json").read_text())
+    saved = json.loads((project / "results" / f"bench_deploy_IMDN_x2_W{w_bits or 8}A8.json").read_text())
     assert {"model", "bits", "packed_bytes", "theoretical_bytes", "int8_speedup_vs_fp32_torch", "psnr_int8",
             "psnr_fakequant"} <= set(saved) and saved["bits"] == 8 and report["model"] == "IMDN_x2"
     assert abs(saved["psnr_int8"] - saved["psnr_fakequant"]) < 0.5
