@@ -39,7 +39,7 @@ Folders = Union[str, Path, Sequence[Union[str, Path]]]
 class QuantConfig:
     """What ``train.py`` reads from YAML, as keyword arguments: ``w_bit``, ``a_bit``, ``method`` and any section of
     :class:`condiquant.options.TrainOptions` as a dict (``quant``, ``dqc``, ``saft``, ``conditioning``, ``calib``,
-    ``bound_init``, ``noisyquant``, ``recon``, ``pac``), e.g.
+    ``bound_init``, ``noisyquant``, ``recon``, ``pac``, ``ptq4vit``), e.g.
     ``QuantConfig(2, 2, dqc={"total_iter": 100}, quant={"placement": {"skip": ["head"]}})``."""
 
     w_bit: int = 4
@@ -54,6 +54,7 @@ class QuantConfig:
     noisyquant: Dict[str, Any] = field(default_factory=dict)
     recon: Dict[str, Any] = field(default_factory=dict)
     pac: Dict[str, Any] = field(default_factory=dict)
+    ptq4vit: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     num_threads: int = 0
     device: str = "auto"
@@ -82,7 +83,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Folders, scale: int, 
             "quant": {"w_bit": config.w_bit, "a_bit": config.a_bit, **config.quant},
             "calib": {"roots": _roots(calib), **config.calib}, "dqc": config.dqc, "saft": config.saft,
             "conditioning": config.conditioning, "bound_init": config.bound_init, "noisyquant": config.noisyquant,
-            "recon": config.recon, "pac": config.pac, "manual_seed": config.seed,
+            "recon": config.recon, "pac": config.pac,
+            "ptq4vit": config.ptq4vit, "manual_seed": config.seed,
             "num_threads": config.num_threads, "device": config.device}
     opts = from_dict(TrainOptions, data, "QuantConfig:")
     if opts.method not in METHODS:

@@ -41,7 +41,7 @@ from condiquant.runtime import LOG_FORMAT
 
 log = logging.getLogger("condiquant")
 PACKAGE = Path(__file__).resolve().parent
-UNTRAINED = ("minmax", "percentile", "dobi", "noisyquant", "repq")
+UNTRAINED = ("minmax", "percentile", "dobi", "noisyquant", "repq", "ptq4vit")
 
 
 def code_fingerprint() -> str:
@@ -241,7 +241,7 @@ def describe(opts: TrainOptions) -> Dict[str, Any]:
         act_levels = dense + 2 * tail
     else:
         act_levels = 2 ** q.a_bit
-    deployable = q.a_quantizer == "uniform" and q.softmax_quantizer == "uniform"
+    deployable = q.a_quantizer == "uniform" and q.softmax_quantizer == "uniform" and q.post_act_quantizer == "uniform"
     info: Dict[str, Any] = {"w_granularity": q.w_granularity, "deployable": deployable,
                             "levels": {"weights": 2 ** q.w_bit, "activations": act_levels}}
     recon = opts.method in ("adaround", "brecq", "qdrop")

@@ -137,8 +137,12 @@ class QuantOptions:
     # Quantizer of Linear/Conv2d inputs (MatMul inputs and weights stay uniform).
     a_quantizer: Literal["uniform", "dual_region"] = "uniform"
     dual_region: DualRegionOptions = field(default_factory=DualRegionOptions)
-    # Quantizer of the post-softmax maps (``placement.post_softmax``): uniform, or RepQ-ViT's log√2 (quant/log2.py)
-    softmax_quantizer: Literal["uniform", "log2"] = "uniform"
+    # Quantizer of the post-softmax maps (``placement.post_softmax``): uniform, RepQ-ViT's log√2 (quant/log2.py) or
+    # PTQ4ViT's twin-uniform (quant/twin.py)
+    softmax_quantizer: Literal["uniform", "log2", "twin"] = "uniform"
+    # Quantizer of the Linear/Conv2d inputs that ``placement.one_direction`` names (post-GELU / post-Swish):
+    # uniform, or PTQ4ViT's twin-uniform
+    post_act_quantizer: Literal["uniform", "twin"] = "uniform"
     # NoisyQuant's fixed noisy bias on the inputs of quantized Linear/Conv2d layers (set by method: noisyquant)
     noisy_bias: bool = False
 
@@ -149,6 +153,8 @@ class QuantOptions:
             if getattr(self, key) not in SUPPORTED_BITS:
                 raise ConfigError(f"{where}.{key}: unsupported bit-width {getattr(self, key)} "
                                   f"(supported: {', '.join(map(str, SUPPORTED_BITS))})")
+        if self.post_act_quantizer == "twin" and self.a_quantizer != "uniform":
+            raise ConfigError(f"{where}.post_act_quantizer: twin needs a_quantizer 'uniform'")
 
 
 @dataclass
@@ -327,6 +333,21 @@ class NoisyQuantOptions:
 
 
 @dataclass
+class PTQ4ViTOptions:
+    """PTQ4ViT's Hessian-guided search (method ``ptq4vit``): ``candidates`` scaling factors from ``alpha_min`` to
+    ``alpha_max`` times the max-based step, ``rounds`` alternations of weights and inputs, on ``num_patches``
+    paired calibration crops. Released code: 100 candidates from 0.01 to 1.2, 3 rounds, 32 images (its README: 20
+    candidates are enough)."""
+
+    num_patches: int = 16
+    patch_size: int = 48
+    candidates: int = 20
+    alpha_min: float = 0.01
+    alpha_max: float = 1.2
+    rounds: int = 3
+
+
+@dataclass
 class PaCOptions(LoopOptions):
     """PTQ4SR's pixel-aware calibration (method ``dbdc_pac``): the first half of ``total_iter`` trains the
     activation bounds at ``lr``, the second the weight bounds at ``weight_lr``, each cosine-decayed to
@@ -391,7 +412,7 @@ class ReconOptions(LoopOptions):
 
 
 Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq", "noisyquant",
-                 "adaround", "brecq", "qdrop", "repq", "dbdc_pac"]
+                 "adaround", "brecq", "qdrop", "repq", "dbdc_pac", "ptq4vit"]
 
 
 @dataclass
@@ -412,6 +433,7 @@ class TrainOptions:
     noisyquant: NoisyQuantOptions = field(default_factory=NoisyQuantOptions)
     recon: ReconOptions = field(default_factory=ReconOptions)
     pac: PaCOptions = field(default_factory=PaCOptions)
+    ptq4vit: PTQ4ViTOptions = field(default_factory=PTQ4ViTOptions)
     device: str = "auto"
     num_threads: int = 0
     manual_seed: int = 0
@@ -423,6 +445,10 @@ class TrainOptions:
         if self.method == "repq" and self.quant.softmax_quantizer != "log2":
             raise ConfigError(f"{where} quant.softmax_quantizer: method repq needs 'log2' (RepQ-ViT's post-softmax "
                               f"quantizer)")
+        if self.method == "ptq4vit" and (self.quant.softmax_quantizer, self.quant.post_act_quantizer) != ("twin",
+                                                                                                       "twin"):
+            raise ConfigError(f"{where} quant.softmax_quantizer: method ptq4vit needs softmax_quantizer and "
+                              f"post_act_quantizer 'twin' (PTQ4ViT's twin-uniform grids)")
         if (self.method == "noisyquant") != self.quant.noisy_bias:
             raise ConfigError(f"{where} quant.noisy_bias: true exactly when method is noisyquant")
 

@@ -89,6 +89,19 @@ class CalibrationImages:
             crops.append(np.ascontiguousarray(_augment(crop, rng) if augment else crop))
         return _to_tensor(crops)
 
+    def random_pairs(self, n: int, patch: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random LR crops (n, 3, patch, patch) of the training split with their HR crops, in 0..1."""
+        paths = self._eligible(self.train_paths, patch, "calibration")
+        lrs, hrs = [], []
+        s = self.scale
+        for _ in range(n):
+            lr, hr = self.pair(paths[int(rng.integers(len(paths)))])
+            top = int(rng.integers(lr.shape[0] - patch + 1))
+            left = int(rng.integers(lr.shape[1] - patch + 1))
+            lrs.append(np.ascontiguousarray(lr[top: top + patch, left: left + patch]))
+            hrs.append(np.ascontiguousarray(hr[top * s: (top + patch) * s, left * s: (left + patch) * s]))
+        return _to_tensor(lrs), _to_tensor(hrs)
+
     def random_crops(self, n: int, patch: int, rng: np.random.Generator, augment: bool = True) -> torch.Tensor:
         """``n`` random LR crops (n, 3, patch, patch) in 0..1 from the training split."""
         return self._crops(self._eligible(self.train_paths, patch, "calibration"), n, patch, rng, augment)

@@ -25,6 +25,7 @@ from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionQuantizer
 from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.quantizer import UniformQuantizer
+from condiquant.quant.twin import TwinUniformQuantizer
 
 
 class QDQ(nn.Module):
@@ -91,9 +92,10 @@ def to_qdq(model: nn.Module) -> nn.Module:
     """A copy of the quantized ``model`` whose quantizers are :class:`QDQ` modules (same names)."""
     quantizers = list(named_quantizers(model))
     for name, q in quantizers:
-        if isinstance(q, (DualRegionQuantizer, Log2Quantizer)):
+        if isinstance(q, (DualRegionQuantizer, Log2Quantizer, TwinUniformQuantizer)):
             raise ConfigError(f"{name}: a {type(q).__name__} has no integer ONNX form; export a model with uniform "
-                              f"quantizers only (quant.a_quantizer / quant.softmax_quantizer: uniform)")
+                              f"quantizers only (quant.a_quantizer / softmax_quantizer / post_act_quantizer: "
+                              f"uniform)")
     for name, q in quantizers:
         if q.enabled and not bool(q.initialized):
             raise ConfigError(f"{name}: quantizer has no bounds (not calibrated)")

@@ -14,6 +14,7 @@ from condiquant.quant.modules import (ActQuantizerFactory, QuantConv2d, QuantLin
                                       has_conv_input)
 from condiquant.quant.patterns import matches
 from condiquant.quant.quantizer import UniformQuantizer
+from condiquant.quant.twin import TwinUniformQuantizer
 
 _KINDS = {nn.Linear: "Linear", nn.Conv2d: "Conv2d", MatMul: "MatMul"}
 
@@ -69,13 +70,19 @@ def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
         high = matches(name, place.high_precision)
         w_bits = place.high_precision_bit if high else quant.w_bit
         a_bits = place.high_precision_bit if high else quant.a_bit
+        act = make_act
+        if quant.post_act_quantizer == "twin" and matches(f"{name}.input_quantizers.0", place.one_direction):
+            act = lambda bits: TwinUniformQuantizer(bits, "activation")  # noqa: E731
         if kind == "Linear":
-            new: nn.Module = QuantLinear(module, w_bits, a_bits, per_channel, splits, make_act)
+            new: nn.Module = QuantLinear(module, w_bits, a_bits, per_channel, splits, act)
         elif kind == "Conv2d":
-            new = QuantConv2d(module, w_bits, a_bits, per_channel, make_act)
+            new = QuantConv2d(module, w_bits, a_bits, per_channel, act)
         else:
-            post_softmax = quant.softmax_quantizer == "log2" and matches(f"{name}.quant_a", place.post_softmax)
-            new = QuantMatMul(module, a_bits, Log2Quantizer if post_softmax else UniformQuantizer)
+            make_a: ActQuantizerFactory = UniformQuantizer
+            if quant.softmax_quantizer != "uniform" and matches(f"{name}.quant_a", place.post_softmax):
+                make_a = (Log2Quantizer if quant.softmax_quantizer == "log2"
+                          else lambda bits: TwinUniformQuantizer(bits, "softmax"))
+            new = QuantMatMul(module, a_bits, make_a)
         if quant.noisy_bias and kind != "MatMul" and a_bits:
             new.enable_noisy_bias(module.in_features if kind == "Linear" else module.in_channels)
         parent_name, _, child = name.rpartition(".")

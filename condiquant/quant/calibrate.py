@@ -19,6 +19,7 @@ from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.observers import DensityObserver, DOBIObserver, MinMaxObserver, PercentileObserver
 from condiquant.quant.patterns import matches
 from condiquant.quant.quantizer import Observer, UniformQuantizer
+from condiquant.quant.twin import TwinUniformQuantizer
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ObserverSpec:
         """The observer of ``kind``; dual-region quantizers always get OAQ's min/max + |x|-percentile one."""
         if isinstance(q, DualRegionQuantizer):
             return DualRegionObserver(q.bp_percentile, q.init, max_samples=self.max_samples, seed=self.seed)
-        if isinstance(q, Log2Quantizer):  # its scale is the largest value (RepQ-ViT)
+        if isinstance(q, (Log2Quantizer, TwinUniformQuantizer)):  # scales from the extremes (RepQ-ViT, PTQ4ViT)
             return MinMaxObserver()
         axis = q.channel_axis
         if self.kind == "minmax":
