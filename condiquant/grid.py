@@ -141,11 +141,13 @@ class Cache:
         self.bridges: List[Dict[str, Any]] = (json.loads(self.bridges_path.read_text())
                                               if self.bridges_path.is_file() else [])
 
-    def chain(self, code: str) -> Optional[List[Dict[str, Any]]]:
-        """The agreeing bridges that lead from ``code`` to today's, oldest first ([] for today's code); None if
-        there is no such path. Each link re-ran cached runs of its older code on its newer one."""
-        paths: Dict[str, List[Dict[str, Any]]] = {self.code: []}
-        frontier = [self.code]
+    def chain(self, code: str, target: Optional[str] = None) -> Optional[List[Dict[str, Any]]]:
+        """The agreeing bridges that lead from ``code`` to ``target`` (default: today's code), oldest first ([] for
+        the target itself); None if there is no such path. Each link re-ran cached runs of its older code on its
+        newer one."""
+        target = target or self.code
+        paths: Dict[str, List[Dict[str, Any]]] = {target: []}
+        frontier = [target]
         while frontier:  # breadth first, backwards from today's code
             to = frontier.pop(0)
             for b in self.bridges:
@@ -455,6 +457,15 @@ def run_table(opt_path: str, overrides: List[str], command: str, cached: bool = 
     return _write(table, rows, command, cache, pending)
 
 
+def next_bridge(cache: Cache, codes: List[str]) -> Optional[str]:
+    """The code fingerprint to check first: one that no chain of bridges leads to today's from and whose bridge would
+    let the most runs stand (its own and those of codes already bridged to it); None if every run stands."""
+    open_codes = [c for c in codes if not cache.bridged(c)]
+    if not open_codes:
+        return None
+    return max(sorted(set(open_codes)), key=lambda c: sum(cache.chain(x, c) is not None for x in open_codes))
+
+
 def check(opt_path: str, overrides: List[str], n: int, command: str, seed: Optional[int] = None) -> Dict[str, Any]:
     """Re-run ``n`` random cached trained runs on today's code and compare them with their cached numbers; a code
     fingerprint all of whose re-runs (at least two) agreed within max(cell std, 0.02 dB) is bridged to today's."""
@@ -465,9 +476,7 @@ def check(opt_path: str, overrides: List[str], n: int, command: str, seed: Optio
     units = [u for u in units if "val_psnr" in u]
     if not units:
         raise SystemExit(f"{out_dir}: no cached trained run to check")
-    # what needs a bridge comes first: n runs of the most frequent older code that no chain of bridges reaches
-    codes = [u["code"] for u in units if not cache.bridged(u["code"])]
-    common = max(set(codes), key=codes.count) if codes else None
+    common = next_bridge(cache, [u["code"] for u in units])
     older = [u for u in units if u["code"] == common]
     pool = older if len(older) >= n else units
     picked = random.Random(seed).sample(pool, min(n, len(pool)))

@@ -161,6 +161,18 @@ def test_check_reruns_cached_runs_and_bridges_old_code(project):
     assert bridges[-1]["from_code"] == "old" and bridges[-1]["ok"]
 
 
+def test_check_first_bridges_the_code_that_lets_most_runs_stand(tmp_path):
+    from condiquant.grid import Cache, next_bridge
+
+    (tmp_path / "bridges.json").write_text(json.dumps(
+        [{"from_code": "older", "to_code": "old", "ok": True, "checked": [], "command": "c"}]))
+    cache = Cache(tmp_path)
+    # "older" has more runs, but bridging "old" lets those stand too (through the existing older -> old link)
+    assert next_bridge(cache, ["old", "old", "older", "older", "older"]) == "old"
+    assert next_bridge(cache, ["older", "other", "other"]) == "other"
+    assert next_bridge(cache, [cache.code]) is None
+
+
 def test_unknown_table_row_is_a_one_line_error(project):
     from condiquant.config import ConfigError
     from condiquant.grid import load_table
