@@ -5,7 +5,7 @@ fake-quant checkpoint, packed, theoretical, ONNX); PSNR of the integer model aga
 same bits on Set5 and Urban100.
 
     python scripts/bench_deploy.py -opt options/train/IMDN_x4_2dquant.yml --bits 8 [--w-bits 4] [--method dobi]
-        [--tile 64] [--repeats 3] [--threads 2] [--set key=value ...]
+        [--tile 64] [--repeats 3] [--threads 2] [--datasets Set5 Urban100] [--set key=value ...]
 
 The quantized model is calibrated here with ``--method`` (default DOBI: no training, so the benchmark measures
 the runtime, not a method). Sizes of the inputs: a Set5-sized (128x128 LR) and an Urban100-sized (256x192 LR)
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from condiquant.cli import load_options, option_parser, run_cli
+from condiquant.config import ConfigError
 from condiquant.data.paired import PairedImageFolder
 from condiquant.deploy.onnx_export import align_zero_points, export_onnx
 from condiquant.deploy.onnx_runtime import OnnxSR, optimized_ops
@@ -53,6 +54,8 @@ def timed(fn, x: torch.Tensor, repeats: int) -> float:
 
 
 def main(args, command: str) -> dict:
+    if "Set5" not in args.datasets:
+        raise ConfigError("--datasets: must include Set5 (the report's psnr_int8 / psnr_fakequant)")
     wb = args.w_bits or args.bits
     opts = load_options(TrainOptions, args.opt, args.set + [f"quant.w_bit={wb}", f"quant.a_bit={args.bits}",
                                                              f"method={args.method}", f"num_threads={args.threads}"])
@@ -79,7 +82,7 @@ def main(args, command: str) -> dict:
     save_quantized(work / "q.pth", fq, opts.network_g, ctx.quant)
     psnr = {}
     val = ValOptions()
-    for name in ("Set5", "Urban100"):
+    for name in args.datasets:
         data = PairedImageFolder(DatasetOptions(name=name, dataroot_gt=f"datasets/benchmark/{name}/HR",
                                                 dataroot_lq=f"datasets/benchmark/{name}/LR_bicubic/X{s}",
                                                 filename_tmpl=f"{{}}x{s}"), s, name)
@@ -125,6 +128,8 @@ if __name__ == "__main__":
     parser.add_argument("--tile", type=int, default=None, help="fixed LR tile for window-attention archs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--datasets", nargs="+", default=["Set5", "Urban100"],
+                        help="PSNR of the integer and the fake-quant model on these (Set5 is always needed)")
     args = parser.parse_args()
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/bench_deploy.py", *sys.argv[1:]])
     raise SystemExit(run_cli(lambda: main(args, command)))

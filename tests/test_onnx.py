@@ -127,7 +127,7 @@ def test_bench_deploy_writes_every_acceptance_field(project, w_bits):
     bench = load_script("bench_deploy")
     bench.SIZES = {"Set5-sized": (16, 16), "Urban100-sized": (20, 24)}
     report = bench.main(argparse.Namespace(opt="train.yml", set=[], bits=8, w_bits=w_bits, method="dobi", tile=None,
-                                           repeats=1, threads=1), "bench")
+                                           repeats=1, threads=1, datasets=["Set5", "Urban100"]), "bench")
     import json
     saved = json.loads((project / "results" / f"bench_deploy_IMDN_x2_W{w_bits or 8}A8.json").read_text())
     assert {"model", "bits", "packed_bytes", "theoretical_bytes", "int8_speedup_vs_fp32_torch", "psnr_int8",
