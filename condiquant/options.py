@@ -445,8 +445,8 @@ class TrainOptions:
         if self.method == "repq" and self.quant.softmax_quantizer != "log2":
             raise ConfigError(f"{where} quant.softmax_quantizer: method repq needs 'log2' (RepQ-ViT's post-softmax "
                               f"quantizer)")
-        if self.method == "ptq4vit" and (self.quant.softmax_quantizer, self.quant.post_act_quantizer) != ("twin",
-                                                                                                       "twin"):
+        twins = (self.quant.softmax_quantizer, self.quant.post_act_quantizer) == ("twin", "twin")
+        if self.method == "ptq4vit" and not twins:
             raise ConfigError(f"{where} quant.softmax_quantizer: method ptq4vit needs softmax_quantizer and "
                               f"post_act_quantizer 'twin' (PTQ4ViT's twin-uniform grids)")
         if (self.method == "noisyquant") != self.quant.noisy_bias:
