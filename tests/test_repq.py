@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import torch
-from conftest import train_options, write_yaml
+from conftest import assert_quantized, train_options, write_yaml
 
 from condiquant.archs import build_network
 from condiquant.cli import main_train
@@ -70,12 +70,15 @@ def test_repq_without_sites_is_dobi_and_needs_log2(project, capsys):
 
 def test_repq_on_swinir_reparameterises_every_block(project):
     torch.manual_seed(0)
-    torch.save({"params": build_network(SWIN).state_dict()}, project / "swin.pth")
+    torch.save({"params": build_network(SWIN).state_dict()}, project / "fp.pth")  # this test's FP model is SwinIR
     opts = train_options("repq")
     opts.update(network_g=SWIN, name="tiny_swin_repq")
-    opts["path"]["pretrain_network_g"] = "swin.pth"
     opts["quant"]["softmax_quantizer"] = "log2"
     assert main_train(["-opt", write_yaml(project, "swin.yml", opts)]) == 0
     summary = json.loads((project / "experiments" / "tiny_swin_repq" / "summary.json").read_text())
     assert summary["repq"]["sites"] == 8 and summary["repq"]["float64_output_change"] < 1e-6
+    model = assert_quantized(project, project / "experiments" / "tiny_swin_repq" / "models" / "net_q_latest.pth", SWIN)
+    # the three qkv input quantizers of a reparameterised block share the per-tensor grid of the folded one
+    qkv = [q.lower.item() for q in model.get_submodule("layers.0.residual_group.blocks.0.attn.qkv").input_quantizers]
+    assert len(qkv) == 3 and qkv[0] == qkv[1] == qkv[2]
     assert np.isfinite(summary["val_psnr"])

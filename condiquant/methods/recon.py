@@ -89,6 +89,19 @@ def _take(a: Args, idx: torch.Tensor) -> Args:
     return tuple(pick(v) for v in a[0]), {k: pick(v) for k, v in a[1].items()}
 
 
+def _run_until_stop(model: nn.Module, handles: List[Any], batches: List[torch.Tensor]) -> None:
+    """Run ``model`` on every batch, each forward ending where a hook raises :class:`_Stop`; remove the hooks."""
+    try:
+        for b in batches:
+            try:
+                model(b)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def unit_inputs(model: nn.Module, name: str, batches: List[torch.Tensor]) -> Args:
     """The inputs ``model`` feeds module ``name`` on ``batches`` (the forward stops there)."""
@@ -99,15 +112,7 @@ def unit_inputs(model: nn.Module, name: str, batches: List[torch.Tensor]) -> Arg
                        {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
         raise _Stop
 
-    h = model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b in batches:
-            try:
-                model(b)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
+    _run_until_stop(model, [model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)], batches)
     return _cat(chunks, name)
 
 
@@ -125,15 +130,7 @@ def unit_outputs(model: nn.Module, names: List[str], batches: List[torch.Tensor]
             if all(len(v) == len(outs[n]) for v in outs.values()):
                 raise _Stop
         handles.append(model.get_submodule(n).register_forward_hook(hook))
-    try:
-        for b in batches:
-            try:
-                model(b)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    _run_until_stop(model, handles, batches)
     return {n: torch.cat(v, dim=0) for n, v in outs.items()}
 
 

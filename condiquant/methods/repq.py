@@ -30,6 +30,7 @@ from condiquant.methods.context import PTQContext
 from condiquant.quant.attach import select_modules
 from condiquant.quant.observers import DOBIObserver
 from condiquant.quant.patterns import matches
+from condiquant.transforms.conditioning import forward_with_input_hooks
 from condiquant.transforms.equivalence import check_exact
 
 # arch -> (LayerNorm child, consumer Linear children) of the blocks that hold both
@@ -52,20 +53,14 @@ def reparam_sites(model: nn.Module, arch: str, quantized: List[str]) -> List[Sit
     return sites
 
 
-@torch.no_grad()
-def per_channel_bounds(model: nn.Module, norms: List[str], batches: List[torch.Tensor], input_range: float,
+def per_channel_bounds(model: nn.Module, sites: List[Site], batches: List[torch.Tensor], input_range: float,
                        bits: Dict[str, int], steps: int, seed: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """DOBI bounds per channel (last axis) of each LayerNorm's FP output on ``batches``."""
-    observers = {n: DOBIObserver(steps, channel_axis=-1, seed=seed) for n in norms}
-    handles = [model.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: observers[n].observe(out))
-               for n in norms]
-    try:
-        for b in batches:
-            model(b * input_range)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: observers[n].bounds(bits[n]) for n in norms}
+    """DOBI bounds per channel (last axis) of each LayerNorm's FP output on ``batches``, observed at its first
+    consumer's input (the same values up to a token permutation such as a window partition)."""
+    observers = {n: DOBIObserver(steps, channel_axis=-1, seed=seed) for n, _ in sites}
+    forward_with_input_hooks(model, [(model.get_submodule(cs[0]), lambda _m, x, n=n: observers[n].observe(x))
+                                     for n, cs in sites], batches, input_range)
+    return {n: observers[n].bounds(bits[n]) for n, _ in sites}
 
 
 @torch.no_grad()
@@ -104,8 +99,8 @@ def run(ctx: PTQContext) -> nn.Module:
         bits = {n: place.high_precision_bit if matches(cs[0], place.high_precision) else ctx.quant.a_bit
                 for n, cs in sites}
         b = ctx.opts.bound_init
-        bounds = per_channel_bounds(fp, [n for n, _ in sites], ctx.calibration_batches(), ctx.input_range, bits,
-                                    b.dobi_steps, ctx.opts.calib.seed)
+        bounds = per_channel_bounds(fp, sites, ctx.calibration_batches(), ctx.input_range, bits, b.dobi_steps,
+                                    ctx.opts.calib.seed)
         model64 = copy.deepcopy(fp).double()
         for n, cs in sites:
             per_tensor.update({c: reparameterise(model64, n, cs, *bounds[n], bits[n]) for c in cs})
