@@ -264,14 +264,40 @@ class NoiseAwareOptions:
 
 
 @dataclass
+class RotateOptions:
+    """The rotation pass (``condiquant/transforms/rotation.py``): orthogonal R on the inputs of quantized
+    Linear/Conv2d layers (online) and on attention q/k and v (absorbed offline), kept where it helps."""
+
+    online: bool = True  # inputs of the quantized Linear/Conv2d layers (a channel matmul inside the layer)
+    attention: bool = True  # q/k and v along the head dimension (SwinIR, EMT), absorbed into the projections
+    # hadamard: randomised Hadamard where one of that order is built, else Haar-random; random: always Haar
+    matrix: Literal["hadamard", "random"] = "hadamard"
+    # error: rotate a site only where its quantization error on the calibration crops falls by > min_gain
+    select: Literal["error", "all"] = "error"
+    min_gain: float = 0.0
+    layers: List[str] = field(default_factory=lambda: ["**"])  # among the quantized modules / attention modules
+    num_patches: int = 4  # calibration crops of the error measurement (one batch)
+    patch_size: int = 48
+    dobi_steps: int = 50  # DOBI search of the measurement's quantizers
+    max_samples: int = 1 << 16
+    seed: int = 0  # random signs / matrices
+
+    def validate(self, where: str) -> None:
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ConfigError(f"{where}.min_gain: must be in [0, 1), got {self.min_gain}")
+
+
+@dataclass
 class ConditioningOptions:
     """Weight conditioning before bound learning. ``prox`` is CondiQuant's: min_W 1/2 ||X W^T - X W0^T||_F^2 +
     lam * G(W) by proximal gradient, X the layer's FP input on calibration crops (convolutions unfolded), K
     iterations, step 1/L. ``noise_aware`` fits W to the quantized input instead (``noise_aware:`` block)."""
 
-    # Run in this order; noise_aware needs activation bounds, so the network is quantized (DOBI) before it.
-    passes: List[Literal["prox", "noise_aware"]] = field(default_factory=lambda: ["prox"])
+    # Run in this order; noise_aware needs activation bounds, so the network is quantized (DOBI) before it, and
+    # rotate (an FP transform) must come before noise_aware.
+    passes: List[Literal["prox", "rotate", "noise_aware"]] = field(default_factory=lambda: ["prox"])
     noise_aware: NoiseAwareOptions = field(default_factory=NoiseAwareOptions)
+    rotate: RotateOptions = field(default_factory=RotateOptions)
     # shrink: G = 1/2 sum (s_i - mean s)^2, prox s_i <- mean + (s_i - mean) / (1 + eta * lam)
     # kappa_bound: G = indicator(kappa <= kappa_max), prox clips s into [s_max / kappa_max, s_max]
     regularizer: Literal["shrink", "kappa_bound"] = "shrink"
@@ -293,7 +319,11 @@ class ConditioningOptions:
 
     def validate(self, where: str) -> None:
         if not self.passes or len(set(self.passes)) != len(self.passes):
-            raise ConfigError(f"{where}.passes: give each of 'prox', 'noise_aware' at most once, at least one")
+            raise ConfigError(f"{where}.passes: give each of 'prox', 'rotate', 'noise_aware' at most once, "
+                              "at least one")
+        if "rotate" in self.passes and "noise_aware" in self.passes and \
+                self.passes.index("rotate") > self.passes.index("noise_aware"):
+            raise ConfigError(f"{where}.passes: rotate transforms the FP network, so it must come before noise_aware")
 
 
 @dataclass

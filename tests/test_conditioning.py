@@ -168,7 +168,7 @@ def test_collect_grams_matches_explicit_unfolding(block, monkeypatch):
     x = torch.cat(batches) * 2.0
     with torch.no_grad():
         feat = net.conv(x)
-        shifted = net.shift.conv_input(feat)  # the shift happens before the weight: X is what the weight sees
+        shifted = net.shift.transform_input(feat)  # the shift happens before the weight: X is what the weight sees
         hidden = net.shift(feat).permute(0, 2, 3, 1).reshape(-1, 5)
     expected = {"conv": _patch_rows(x, net.conv), "shift": _patch_rows(shifted, net.shift), "fc": hidden.double()}
     for name, rows in expected.items():

@@ -100,8 +100,8 @@ def test_cross_grams_use_the_layers_own_quantizer_on_the_transformed_input():
     stats = collect_cross_grams(fp, qm, {"shift": 1, "fc": 1}, batches, 1.0)
     with torch.no_grad():
         feat = torch.relu(fp.conv(batches[0]))
-        x = fp.shift.conv_input(feat).permute(0, 2, 3, 1).reshape(-1, 5).double()  # 1x1: rows = positions
-        xq = qm.shift.input_quantizers[0](fp.shift.conv_input(feat)).permute(0, 2, 3, 1).reshape(-1, 5).double()
+        x = fp.shift.transform_input(feat).permute(0, 2, 3, 1).reshape(-1, 5).double()  # 1x1: rows = positions
+        xq = qm.shift.input_quantizers[0](fp.shift.transform_input(feat)).permute(0, 2, 3, 1).reshape(-1, 5).double()
     assert not torch.equal(x, xq)
     torch.testing.assert_close(stats["shift"].xq, x.T @ xq)
     torch.testing.assert_close(stats["shift"].qq, xq.T @ xq)

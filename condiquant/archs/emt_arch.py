@@ -45,7 +45,7 @@ class ShiftConv1x1(nn.Conv2d):
     The shift is a depthwise 3x3 conv with one-hot kernels stored in the ``mask`` buffer (zero padding, so
     pixels shifted in from outside the image are 0). It gives the MLP a small receptive field at no
     parameter cost. ``weight``/``bias`` are an ordinary 1x1 Conv2d, which is why this subclasses nn.Conv2d:
-    weight quantizers find it by type. The shift is exposed as ``conv_input`` (it reads only the ``mask``
+    weight quantizers find it by type. The shift is exposed as ``transform_input`` (it reads only the ``mask``
     buffer and ``in_channels``), the hook through which quantized replacements keep it.
     """
 
@@ -61,11 +61,11 @@ class ShiftConv1x1(nn.Conv2d):
         mask[4 * group:, 0, 1, 1] = 1.0  # the remainder (last group) stays in place
         self.register_buffer("mask", mask)
 
-    def conv_input(self, x: torch.Tensor) -> torch.Tensor:
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.mask, padding=1, groups=self.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.conv_input(x))
+        return super().forward(self.transform_input(x))
 
 
 class PixelMixer(nn.Module):

@@ -31,6 +31,7 @@ from condiquant.config import ConfigError, from_dict, to_dict
 from condiquant.engine.state import atomic_write_bytes
 from condiquant.options import QuantOptions
 from condiquant.quant.attach import attach_quantizers, weight_quantizer_inputs
+from condiquant.transforms.rotation import restore_rotations
 
 MAGIC = b"CQPACK1\n"
 
@@ -132,6 +133,7 @@ def load_packed(path: Path, network_g: Dict[str, Any] | None = None, where: str 
     if network_g is not None and dict(network_g) != header["network_g"]:
         raise ConfigError(f"{where}: differs from the packed checkpoint {path} ({header['network_g']})")
     model = build_network(header["network_g"], where)
+    restore_rotations(model, {e["name"]: e["shape"] for e in header["tensors"]})
     attach_quantizers(model, from_dict(QuantOptions, header["quant"], f"{path}: quant"))
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     quantizers = {name: q for name, q, _ in weight_quantizer_inputs(model)}

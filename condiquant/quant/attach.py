@@ -11,7 +11,7 @@ from condiquant.options import QuantOptions
 from condiquant.quant.dual_region import DualRegionQuantizer
 from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.modules import (ActQuantizerFactory, QuantConv2d, QuantLinear, QuantMatMul, QuantModule,
-                                      has_conv_input)
+                                      input_transform)
 from condiquant.quant.patterns import matches
 from condiquant.quant.quantizer import UniformQuantizer
 from condiquant.quant.twin import TwinUniformQuantizer
@@ -21,9 +21,12 @@ _KINDS = {nn.Linear: "Linear", nn.Conv2d: "Conv2d", MatMul: "MatMul"}
 
 def _kind(module: nn.Module) -> Optional[str]:
     """Exact types only, so a subclass with its own forward (EMT's MeanShift) is never silently replaced;
-    Conv2d subclasses that declare their pre-transform as ``conv_input`` are safe to replace."""
-    if isinstance(module, nn.Conv2d) and has_conv_input(module):
-        return "Conv2d"
+    Linear/Conv2d subclasses that declare their pre-transform as ``transform_input`` are safe to replace."""
+    if input_transform(module) is not None:
+        if isinstance(module, nn.Conv2d):
+            return "Conv2d"
+        if isinstance(module, nn.Linear):
+            return "Linear"
     return _KINDS.get(type(module))
 
 

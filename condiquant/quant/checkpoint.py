@@ -16,6 +16,7 @@ from condiquant.config import ConfigError, from_dict, to_dict
 from condiquant.options import QuantOptions
 from condiquant.quant.adaround import baked_copy
 from condiquant.quant.attach import attach_quantizers
+from condiquant.transforms.rotation import restore_rotations
 
 
 def save_quantized(path: Path, model: nn.Module, network_g: Dict[str, Any], quant: QuantOptions) -> None:
@@ -48,6 +49,7 @@ def build_quantized(path: Path, network_g: Dict[str, Any], where: str) -> nn.Mod
         raise ConfigError(f"{where} network_g: differs from the quantized checkpoint {path} "
                           f"({ckpt['network_g']})")
     model = build_network(network_g, f"{where} network_g")
+    restore_rotations(model, ckpt["params"])
     attach_quantizers(model, from_dict(QuantOptions, ckpt["quant"], f"{path}: quant"))
     missing, unexpected = model.load_state_dict(ckpt["params"], strict=False)
     if missing or unexpected:

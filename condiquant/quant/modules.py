@@ -32,6 +32,22 @@ def _weight_quantizers(n: int, w_bits: Optional[int], channels: int, per_channel
     return nn.ModuleList([UniformQuantizer(w_bits) for _ in range(n)])
 
 
+InputTransform = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def input_transform(module: nn.Module) -> Optional[InputTransform]:
+    """The fixed pre-transform a Linear/Conv2d subclass applies to its input before its weight multiplies it
+    (EMT's shifted 1x1, a rotation), declared as the method ``transform_input``; None for plain layers. It may read
+    only the module's buffers and ``in_channels``/``in_features``, which the quantized replacements keep."""
+    fn = getattr(type(module), "transform_input", None)
+    return fn if callable(fn) else None
+
+
+def _keep_buffers(dst: nn.Module, src: nn.Module) -> None:
+    for name, buf in src.named_buffers(recurse=False):
+        dst.register_buffer(name, buf)
+
+
 class QuantModule(nn.Module):
     """Base of the modules whose quantizers the calibration and training loops drive.
 
@@ -57,6 +73,8 @@ class QuantLinear(QuantModule):
             raise ValueError(f"cannot split {src.out_features} outputs into {splits} equal parts")
         self.in_features, self.out_features, self.splits = src.in_features, src.out_features, splits
         self.weight, self.bias = src.weight, src.bias
+        self._transform = input_transform(src)
+        _keep_buffers(self, src)
         chunk = src.out_features // splits
         self.weight_quantizers = _weight_quantizers(splits, w_bits, chunk, per_channel)
         self.input_quantizers = _act_quantizers(splits, a_bits, act_quantizer)
@@ -66,6 +84,8 @@ class QuantLinear(QuantModule):
         return f"in={self.in_features}, out={self.out_features}, splits={self.splits}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._transform is not None:
+            x = self._transform(self, x)
         weights = self.weight.chunk(self.splits, dim=0)
         biases = self.bias.chunk(self.splits) if self.bias is not None else [None] * self.splits
         noisy = x + self.noisy_bias if self.noisy_bias is not None else x
@@ -78,14 +98,9 @@ class QuantLinear(QuantModule):
         return outs[0] if self.splits == 1 else torch.cat(outs, dim=-1)
 
 
-def has_conv_input(module: nn.Module) -> bool:
-    """A Conv2d subclass that transforms its input before convolving (e.g. EMT's shifted 1x1)."""
-    return callable(getattr(type(module), "conv_input", None))
-
-
 class QuantConv2d(QuantModule):
-    """Quantized Conv2d. For a subclass with a ``conv_input(x)`` pre-transform, the transform is kept (its
-    buffers are re-registered under the same names) and the input quantizer sees the transformed input."""
+    """Quantized Conv2d (Linear alike): a subclass's ``transform_input`` pre-transform is kept (its buffers are
+    re-registered under the same names) and the input quantizer sees the transformed input."""
 
     def __init__(self, src: nn.Conv2d, w_bits: Optional[int], a_bits: Optional[int], per_channel: bool = False,
                  act_quantizer: ActQuantizerFactory = UniformQuantizer):
@@ -95,9 +110,8 @@ class QuantConv2d(QuantModule):
         self.conv_args = dict(stride=src.stride, padding=src.padding, dilation=src.dilation, groups=src.groups)
         self.in_channels = src.in_channels
         self.weight, self.bias = src.weight, src.bias
-        self._conv_input = type(src).conv_input if has_conv_input(src) else None
-        for name, buf in src.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
+        self._transform = input_transform(src)
+        _keep_buffers(self, src)
         self.weight_quantizers = _weight_quantizers(1, w_bits, src.out_channels, per_channel)
         self.input_quantizers = _act_quantizers(1, a_bits, act_quantizer)
         self.register_buffer("noisy_bias", None)  # NoisyQuant sets it (QuantModule)
@@ -106,8 +120,8 @@ class QuantConv2d(QuantModule):
         return f"weight={tuple(self.weight.shape)}, {self.conv_args}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._conv_input is not None:
-            x = self._conv_input(self, x)
+        if self._transform is not None:
+            x = self._transform(self, x)
         noise = self.noisy_bias.view(1, -1, 1, 1).expand_as(x) if self.noisy_bias is not None else None
         if noise is not None:
             x = x + noise

@@ -1,7 +1,7 @@
 """CondiQuant's weight conditioning, reconstructed (the paper's code is unreleased; see docs/papers.md §1.3).
 
 For each selected layer, with W0 its weight as a matrix (out x in; a convolution's as out x in*k*k) and X its FP
-input on calibration crops (rows = positions; a convolution's input unfolded, after any ``conv_input``
+input on calibration crops (rows = positions; a convolution's input unfolded, after any ``transform_input``
 pre-transform, so X holds exactly what the weight multiplies):
 
     min_W  f(W) + lam * G(W),    f(W) = ||X W^T - X W0^T||_F^2 / (2 L),    L = lambda_max(X^T X),
@@ -45,7 +45,7 @@ from torch import Tensor
 from condiquant.config import ConfigError
 from condiquant.options import ConditioningOptions, QuantOptions
 from condiquant.quant.attach import select_modules
-from condiquant.quant.modules import has_conv_input
+from condiquant.quant.modules import input_transform
 from condiquant.quant.patterns import matches
 
 _BLOCK_ELEMS = 1 << 22  # values of X per float64 Gram update (32 MB)
@@ -180,8 +180,9 @@ class Gram:
 
 
 def layer_input(module: nn.Module, x: Tensor) -> Tensor:
-    """What the weight of an FP Linear/Conv2d multiplies: its input, after a ``conv_input`` pre-transform."""
-    return type(module).conv_input(module, x) if has_conv_input(module) else x
+    """What the weight of an FP Linear/Conv2d multiplies: its input, after a ``transform_input`` pre-transform."""
+    fn = input_transform(module)
+    return fn(module, x) if fn is not None else x
 
 
 def input_columns(module: nn.Module, x: Tensor) -> Iterator[Tensor]:

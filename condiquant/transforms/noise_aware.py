@@ -2,7 +2,7 @@
 
 CondiQuant lowers kappa(W), a proxy for how much activation-quantization noise a layer amplifies. This pass
 minimises the quantity itself. For a layer with FP input X (rows = calibration positions; a convolution's input
-unfolded, after any ``conv_input`` pre-transform), its input after the layer's activation quantizer Xq = X + E,
+unfolded, after any ``transform_input`` pre-transform), its input after the layer's activation quantizer Xq = X + E,
 and original weights W0 (out x in), the weights that best keep the FP output when fed the quantized input are
 
     W* = argmin_W ||Xq W^T - X W0^T||_F^2 + rho ||W - W0||_F^2 = W0 (X^T Xq + rho I) (Xq^T Xq + rho I)^-1,
