@@ -233,7 +233,8 @@ def run_seed(table: TableOptions, cache: Cache, method: str, bits: int, seed: in
 
 def describe(opts: TrainOptions) -> Dict[str, Any]:
     """What a reader needs beside the numbers: weight granularity, whether every quantized product runs on
-    integer operands (``deployable``: uniform grids only; dual-region and log√2 grids have no integer kernel),
+    integer operands (``deployable``: uniform grids only; dual-region, log√2 and twin grids have no integer kernel,
+    and CompSRT's in-quantizer rotations de-rotate before the product),
     the levels per quantizer, and the training budget and variant."""
     from condiquant.quant.dual_region import region_points
 
@@ -243,7 +244,8 @@ def describe(opts: TrainOptions) -> Dict[str, Any]:
         act_levels = dense + 2 * tail
     else:
         act_levels = 2 ** q.a_bit
-    deployable = q.a_quantizer == "uniform" and q.softmax_quantizer == "uniform" and q.post_act_quantizer == "uniform"
+    deployable = (q.a_quantizer == "uniform" and q.softmax_quantizer == "uniform" and q.post_act_quantizer == "uniform"
+                  and not q.hadamard)
     info: Dict[str, Any] = {"w_granularity": q.w_granularity, "deployable": deployable,
                             "levels": {"weights": 2 ** q.w_bit, "activations": act_levels}}
     recon = opts.method in ("adaround", "brecq", "qdrop")

@@ -145,6 +145,9 @@ class QuantOptions:
     post_act_quantizer: Literal["uniform", "twin"] = "uniform"
     # NoisyQuant's fixed noisy bias on the inputs of quantized Linear/Conv2d layers (set by method: noisyquant)
     noisy_bias: bool = False
+    # CompSRT's in-quantizer Hadamard transform and scalar decomposition on every quantizer (quant/hadamard.py;
+    # method: compsrt); not integer-deployable
+    hadamard: bool = False
 
     def validate(self, where: str) -> None:
         from condiquant.quant.quantizer import SUPPORTED_BITS
@@ -155,6 +158,8 @@ class QuantOptions:
                                   f"(supported: {', '.join(map(str, SUPPORTED_BITS))})")
         if self.post_act_quantizer == "twin" and self.a_quantizer != "uniform":
             raise ConfigError(f"{where}.post_act_quantizer: twin needs a_quantizer 'uniform'")
+        if self.hadamard and (self.a_quantizer, self.softmax_quantizer, self.post_act_quantizer) != ("uniform",) * 3:
+            raise ConfigError(f"{where}.hadamard: needs uniform a_quantizer, softmax_quantizer and post_act_quantizer")
 
 
 @dataclass
@@ -442,7 +447,7 @@ class ReconOptions(LoopOptions):
 
 
 Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq", "noisyquant",
-                 "adaround", "brecq", "qdrop", "repq", "dbdc_pac", "ptq4vit"]
+                 "adaround", "brecq", "qdrop", "repq", "dbdc_pac", "ptq4vit", "compsrt"]
 
 
 @dataclass
@@ -481,6 +486,8 @@ class TrainOptions:
                               f"post_act_quantizer 'twin' (PTQ4ViT's twin-uniform grids)")
         if (self.method == "noisyquant") != self.quant.noisy_bias:
             raise ConfigError(f"{where} quant.noisy_bias: true exactly when method is noisyquant")
+        if (self.method == "compsrt") != self.quant.hadamard:
+            raise ConfigError(f"{where} quant.hadamard: true exactly when method is compsrt")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch.nn as nn
 from condiquant.config import ConfigError
 from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionQuantizer
+from condiquant.quant.hadamard import HadamardQuantizer
 from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.quantizer import UniformQuantizer
 from condiquant.quant.twin import TwinUniformQuantizer
@@ -92,10 +93,10 @@ def to_qdq(model: nn.Module) -> nn.Module:
     """A copy of the quantized ``model`` whose quantizers are :class:`QDQ` modules (same names)."""
     quantizers = list(named_quantizers(model))
     for name, q in quantizers:
-        if isinstance(q, (DualRegionQuantizer, Log2Quantizer, TwinUniformQuantizer)):
+        if isinstance(q, (DualRegionQuantizer, Log2Quantizer, TwinUniformQuantizer, HadamardQuantizer)):
             raise ConfigError(f"{name}: a {type(q).__name__} has no integer ONNX form; export a model with uniform "
                               f"quantizers only (quant.a_quantizer / softmax_quantizer / post_act_quantizer: "
-                              f"uniform)")
+                              f"uniform, quant.hadamard: false)")
     for name, q in quantizers:
         if q.enabled and not bool(q.initialized):
             raise ConfigError(f"{name}: quantizer has no bounds (not calibrated)")

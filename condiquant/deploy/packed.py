@@ -75,6 +75,8 @@ class PackedSize:
 
 def save_packed(path: Path, model: nn.Module, network_g: Dict[str, Any], quant: QuantOptions) -> PackedSize:
     """Write the quantized ``model`` (quantizers attached and initialised) as a packed file."""
+    if quant.hadamard:
+        raise ConfigError("quant.hadamard: CompSRT's in-quantizer rotations leave no integer weight codes to pack")
     sd = model.state_dict()
     entries: List[Dict[str, Any]] = []
     blobs: List[bytes] = []

@@ -5,7 +5,8 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from condiquant.methods import baselines, condiquant, dbdc_pac, noisyquant, oaq, ptq4vit, recon, repq, twodquant
+from condiquant.methods import (baselines, compsrt, condiquant, dbdc_pac, noisyquant, oaq, ptq4vit, recon, repq,
+                                twodquant)
 from condiquant.methods.context import PTQContext
 
 METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
@@ -23,4 +24,5 @@ METHODS: Dict[str, Callable[[PTQContext], nn.Module]] = {
     "repq": repq.run,
     "dbdc_pac": dbdc_pac.run,
     "ptq4vit": ptq4vit.run,
+    "compsrt": compsrt.run,
 }

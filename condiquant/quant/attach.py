@@ -9,6 +9,7 @@ import torch.nn as nn
 from condiquant.archs.ops import MatMul
 from condiquant.options import QuantOptions
 from condiquant.quant.dual_region import DualRegionQuantizer
+from condiquant.quant.hadamard import to_hadamard
 from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.modules import (ActQuantizerFactory, QuantConv2d, QuantLinear, QuantMatMul, QuantModule,
                                       input_transform)
@@ -88,6 +89,8 @@ def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
             new = QuantMatMul(module, a_bits, make_a)
         if quant.noisy_bias and kind != "MatMul" and a_bits:
             new.enable_noisy_bias(module.in_features if kind == "Linear" else module.in_channels)
+        if quant.hadamard:
+            to_hadamard(new, kind)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         replaced.append(name)
