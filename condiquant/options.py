@@ -431,6 +431,9 @@ class ReconOptions(LoopOptions):
     act_lr: Optional[float] = 1e-2
     lr_scale: Literal["absolute", "range"] = "range"
     round_weight: float = 10.0  # weight of the mean rounding regulariser against the relative output MSE
+    # mse: plain output MSE; fisher: BRECQ's diagonal-Fisher weighting (squared gradient of the L1 loss to HR
+    # with respect to the unit output, on the FP network; the crops then come with their HR crops)
+    weighting: Literal["mse", "fisher"] = "mse"
     beta: List[float] = field(default_factory=lambda: [20.0, 2.0])  # regulariser exponent, annealed linearly
     round_warmup: float = 0.2  # share of a unit's updates before the regulariser starts
     drop_prob: float = 0.5  # qdrop: per element, the FP activation replaces the quantized one with this probability

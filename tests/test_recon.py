@@ -165,3 +165,28 @@ def test_recon_after_the_noise_aware_pass_keeps_its_weights_as_the_start(project
     model = assert_quantized(project, exp / "models" / "net_q_latest.pth")
     with torch.no_grad():
         assert all(torch.equal(q(w), w) for _, q, w in weight_quantizer_inputs(model))
+
+
+def test_fisher_weight_is_the_squared_task_loss_gradient_of_the_unit_output():
+    from condiquant.methods.recon import unit_fisher
+
+    torch.manual_seed(0)
+    fp = build_network(NET).eval()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    hr = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    w = unit_fisher(fp, "IMDB2", [x[:2], x[2:]], [hr[:2], hr[2:]])  # two chunks: same as one batch
+    feat = {}
+    handle = fp.IMDB2.register_forward_hook(lambda _m, _i, out: feat.setdefault("out", out))
+    out = fp(x)
+    handle.remove()
+    (g,) = torch.autograd.grad(torch.nn.functional.l1_loss(out, hr, reduction="sum"), [feat["out"]])
+    ref = g.pow(2)
+    torch.testing.assert_close(w, ref / ref.mean(), rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in fp.parameters())  # nothing accumulated in the FP network
+
+
+def test_brecq_with_fisher_weighting_trains(project):
+    opts = _recon_options("brecq")
+    opts["recon"]["weighting"] = "fisher"
+    assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 0
+    assert_quantized(project, project / "experiments" / "tiny_brecq" / "models" / "net_q_latest.pth")

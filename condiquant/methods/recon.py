@@ -11,8 +11,10 @@ Adapted to SR: the units are the blocks of ``recon.blocks`` (default: the placem
 IMDN's IMDBs, EMT's body blocks, SwinIR's residual groups, EDSR's residual blocks), then every quantized layer
 outside them on its own (IMDN's fusion and LR convs), in the order the network runs them. The output error is
 the MSE relative to the FP output's mean energy (SR features span 1e-3 to 1e2 across archs and input ranges,
-so one rounding weight serves all); the regulariser is a mean over the unit's weights. No ground truth is used.
-Not implemented: BRECQ's Fisher weighting of the output error.
+so one rounding weight serves all); the regulariser is a mean over the unit's weights. No ground truth is used,
+except by BRECQ's Fisher weighting (``recon.weighting: fisher``): each output element's squared error is weighted
+by the squared gradient of the FP network's L1 loss to the HR crop with respect to it (BRECQ: the task loss's
+gradient, there cross-entropy; here the loss these SR networks were trained with).
 
 Everything runs in the one training loop (``engine/loop.py``): one parameter group per unit, the group switch
 caches the unit's inputs and hardens the finished one, so a resumed run rebuilds the same cache from the saved
@@ -26,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from condiquant.config import ConfigError
 from condiquant.engine.loop import Phase, train_loop
@@ -134,12 +137,34 @@ def unit_outputs(model: nn.Module, names: List[str], batches: List[torch.Tensor]
     return {n: torch.cat(v, dim=0) for n, v in outs.items()}
 
 
+def unit_fisher(model: nn.Module, name: str, crops: List[torch.Tensor], hr: List[torch.Tensor]) -> torch.Tensor:
+    """BRECQ's diagonal Fisher of a unit's output: the squared gradient of the task loss (L1 to the HR crop, the
+    loss these SR networks were trained with) with respect to the unit's output, per element, on the FP network;
+    scaled to mean 1 so the weighted loss stays a relative MSE."""
+    grads: List[torch.Tensor] = []
+
+    def hook(_m, _i, out):
+        out.register_hook(lambda g: grads.append(g.detach()))
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        for x, y in zip(crops, hr):
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)  # a graph even with frozen weights; grad wrt x only
+                # summed, not averaged, so a crop's gradient does not depend on how the crops were chunked
+                torch.autograd.grad(F.l1_loss(model(x), y, reduction="sum"), [x])
+    finally:
+        handle.remove()
+    fisher = torch.cat(grads, dim=0).pow(2)
+    return fisher / fisher.mean().clamp_min(1e-30)
+
+
 class _Reconstruction:
     """The state the loop's callbacks share: units, caches, the unit being trained."""
 
     def __init__(self, model: nn.Module, ctx: PTQContext, units: List[str], crops: List[torch.Tensor],
-                 drop_prob: float):
-        self.model, self.ctx, self.units, self.crops = model, ctx, units, crops
+                 drop_prob: float, hr: Optional[List[torch.Tensor]] = None):
+        self.model, self.ctx, self.units, self.crops, self.hr = model, ctx, units, crops, hr
         self.opt = ctx.opts.recon
         self.drop_prob = drop_prob
         self.target: Optional[torch.Tensor] = None
@@ -175,7 +200,8 @@ class _Reconstruction:
         name = self.units[new]  # FP target and quantized inputs of this unit only: layer-wise units are many
         self.target = unit_outputs(self.ctx.fp_model, [name], self.crops)[name]
         self.inputs = unit_inputs(self.model, name, self.crops)
-        self.power = float(self.target.pow(2).mean().clamp_min(1e-12))
+        self.weight = unit_fisher(self.ctx.fp_model, name, self.crops, self.hr) if self.hr is not None else None
+        self.power = float(self._weighted(self.target).mean().clamp_min(1e-12))
         for q in self.rounding[new]:
             q.hard = False
         if self.drop_prob > 0:
@@ -212,10 +238,16 @@ class _Reconstruction:
         start, end = self.opt.beta
         return end + (start - end) * (1 - (self.local_it - warm) / (self.opt.iters_per_block - warm))
 
+    def _weighted(self, diff: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Squared error, Fisher-weighted when ``recon.weighting`` is fisher."""
+        if self.weight is None:
+            return diff.pow(2)
+        return diff.pow(2) * (self.weight if idx is None else self.weight[idx])
+
     def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         args, kwargs = _take(self.inputs, idx)
         mod = self.model.get_submodule(self.units[self.unit])
-        rec = (mod(*args, **kwargs) - self.target[idx]).pow(2).mean() / self.power
+        rec = self._weighted(mod(*args, **kwargs) - self.target[idx], idx).mean() / self.power
         beta, rq = self.beta(), self.rounding[self.unit]
         reg = torch.zeros(())
         if beta is not None and rq:
@@ -233,13 +265,18 @@ def reconstruct(ctx: PTQContext, layerwise: bool, drop_prob: float) -> nn.Module
             ctx.init_bounds(model, "dobi")
     scales = step_scales(model, opt.lr_scale, (opt.act_lr or opt.lr) / opt.lr)  # activation bounds' ranges
     attach_rounding(model)
-    r = ctx.input_range
-    crops = [c.to(ctx.device) * r for c in ctx.calib.random_crops(
-        opt.num_patches, opt.patch_size, np.random.default_rng(ctx.opts.calib.seed + 1),
-        opt.augment).split(ctx.opts.calib.chunk_size)]
+    r, chunk, rng = ctx.input_range, ctx.opts.calib.chunk_size, np.random.default_rng(ctx.opts.calib.seed + 1)
+    hr = None
+    if opt.weighting == "fisher":  # the task loss needs the HR crops (not augmented: the pairs are as stored)
+        lr, high = ctx.calib.random_pairs(opt.num_patches, opt.patch_size, rng)
+        crops = [c.to(ctx.device) * r for c in lr.split(chunk)]
+        hr = [c.to(ctx.device) * r for c in high.split(chunk)]
+    else:
+        crops = [c.to(ctx.device) * r for c in ctx.calib.random_crops(
+            opt.num_patches, opt.patch_size, rng, opt.augment).split(chunk)]
     units = reconstruction_units(model, ctx, layerwise, crops[0][:1])
     ctx.logger.info("recon: %d units (%s)", len(units), ", ".join(units))
-    rec = _Reconstruction(model, ctx, units, crops, drop_prob)
+    rec = _Reconstruction(model, ctx, units, crops, drop_prob, hr)
     groups = rec.groups()
     for q in (q for rq in rec.rounding for q in rq):
         scales[id(q.rounding)] = torch.ones(())
