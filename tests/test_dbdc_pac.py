@@ -1,6 +1,7 @@
 """PTQ4SR: density-based dual clipping, and PaC training activation bounds first, then weight bounds."""
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import assert_quantized, train_options, write_yaml
 
@@ -27,8 +28,23 @@ def test_density_observer_averages_its_batches():
     assert abs(float(lo)) < 0.01 and abs(float(hi) - 2.0) < 0.01
 
 
-def test_pac_trains_activation_then_weight_bounds(project):
+def test_density_observer_per_channel_clips_each_channel_on_its_own():
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(3, 4000, generator=g) * torch.tensor([[1.0], [5.0], [0.1]])
+    w[1, :3] = 400.0  # an outlier in channel 1 only
+    obs = DensityObserver(1e-3, channel_axis=0)
+    obs.observe(w)
+    lo, hi = obs.bounds(4)
+    assert lo.shape == hi.shape == (3,)
+    for c, top in enumerate((1.0, 5.0, 0.1)):
+        assert abs(float(hi[c]) - top) < 0.05 * top and abs(float(lo[c])) < 0.05 * top  # bins: max / 2048 wide
+        assert (float(lo[c]), float(hi[c])) == pytest.approx(density_clip(w[c], 1e-3))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_pac_trains_activation_then_weight_bounds(project, granularity):
     opts = train_options("dbdc_pac")
+    opts["quant"]["w_granularity"] = granularity
     opts["pac"] = {"total_iter": 4, "batch_size": 2, "patch_size": 12, "print_freq": 2, "val_freq": 4,
                    "save_checkpoint_freq": 2}
     assert main_train(["-opt", write_yaml(project, "pac.yml", opts)]) == 0

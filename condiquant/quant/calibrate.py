@@ -47,7 +47,7 @@ class ObserverSpec:
             return PercentileObserver(self.percentile, channel_axis=axis, max_samples=self.max_samples,
                                       seed=self.seed)
         if self.kind == "dbdc":
-            return DensityObserver(self.density_ratio_8bit if q.n_bits >= 8 else self.density_ratio)
+            return DensityObserver(self.density_ratio_8bit if q.n_bits >= 8 else self.density_ratio, axis)
         if self.kind == "dobi":
             return DOBIObserver(self.dobi_steps, one_direction, channel_axis=axis, max_samples=self.max_samples,
                                 seed=self.seed)

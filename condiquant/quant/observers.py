@@ -139,17 +139,19 @@ def density_clip(x: torch.Tensor, ratio: float, bins: int = 2048) -> tuple[float
 
 
 class DensityObserver(Observer):
-    """DBDC per tensor on every calibration batch; the bounds are their mean over the batches (as PTQ4SR)."""
+    """DBDC on every calibration batch, per tensor or per channel (each channel's values on their own); the bounds
+    are their mean over the batches (as PTQ4SR)."""
 
-    def __init__(self, ratio: float = 1e-4):
+    def __init__(self, ratio: float = 1e-4, channel_axis: Optional[int] = None):
         self.ratio = ratio
-        self.found: List[tuple[float, float]] = []
+        self.channel_axis = channel_axis
+        self.found: List[List[tuple[float, float]]] = []  # per batch, per channel
 
     def observe(self, x: torch.Tensor) -> None:
-        self.found.append(density_clip(x, self.ratio))
+        self.found.append([density_clip(row, self.ratio) for row in _as_channels(x, self.channel_axis)])
 
     def bounds(self, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.found:
             raise RuntimeError("observer saw no data (the module was never called during calibration)")
-        lo, hi = torch.tensor(self.found, dtype=torch.float64).mean(dim=0)
-        return lo.float().reshape(1), hi.float().reshape(1)
+        lo, hi = torch.tensor(self.found, dtype=torch.float64).mean(dim=0).T  # (channels,) each
+        return lo.float(), hi.float()
