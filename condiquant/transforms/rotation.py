@@ -23,7 +23,9 @@ Kronecker products: 12, 48, 60, 120, 180, 240 ...), else a seeded Haar-random or
 calibration crops (``rotate.select: error``): one-sided inputs (post-Swish, post-ReLU) often get worse, because
 a rotation makes them two-sided. The error of an online site is the relative output error of the layer with
 DOBI-fitted quantizers on input and weight, ||x W^T - Q(x R) Q(W R)^T|| / ||x W^T||; of an attention operand, its
-relative quantization error ||y - Q(y R) R^T|| / ||y|| (the same with R = I for "before").
+relative quantization error ||y - Q(y R) R^T|| / ||y|| (the same with R = I for "before"). The quantizers of the
+measurement are DOBI's, one-sided where bound initialisation will search one-sided (``placement.one_direction``:
+post-GELU / post-Swish inputs), so a rotation is judged by the grid it will really get.
 
 The pass runs in float64 on the FP network; the network's output on held-out crops is then checked against the
 original (``check_exact``, 1e-6) before any quantizer exists. Order with the other passes: ``prox`` before or
@@ -277,12 +279,13 @@ def rotate_attention(site: AttentionSite, model: nn.Module, r_qk: Optional[Tenso
 # Per-site decision from the quantization error on calibration crops
 
 
-def _dobi_fq(rows: Tensor, bits: int, steps: int, max_samples: int, gen: torch.Generator) -> Tensor:
+def _dobi_fq(rows: Tensor, bits: int, steps: int, max_samples: int, gen: torch.Generator,
+             one_direction: bool = False) -> Tensor:
     """``rows`` (C, N) fake-quantized with per-row DOBI bounds (searched on at most ``max_samples`` values)."""
     sample = rows
     if rows.shape[1] > max_samples:
         sample = rows[:, torch.randint(rows.shape[1], (max_samples,), generator=gen)]
-    lo, hi = dobi_search(sample, rows.min(dim=1).values, rows.max(dim=1).values, bits, steps)
+    lo, hi = dobi_search(sample, rows.min(dim=1).values, rows.max(dim=1).values, bits, steps, one_direction)
     return fake_quant(rows, lo[:, None], hi[:, None], bits)
 
 
@@ -310,8 +313,9 @@ class _Measure:
     """Errors of every candidate site with and without its R, from hooks on one forward of the FP network."""
 
     def __init__(self, bits: Dict[str, Tuple[int, int]], per_channel: bool, steps: int, max_samples: int,
-                 seed: int):
+                 seed: int, one_direction: Sequence[str] = ()):
         self.bits, self.per_channel, self.steps, self.max_samples = bits, per_channel, steps, max_samples
+        self.one_direction = set(one_direction)  # layers whose input DOBI searches one-sided (as bound init will)
         self.gen = torch.Generator().manual_seed(seed)
         self.errors: Dict[str, List[float]] = {}  # site -> [before, after] (summed squared error, reference)
 
@@ -332,7 +336,8 @@ class _Measure:
         for rot in (None, r):
             xr = x if rot is None else rotate_channels(x, rot, conv)
             wr = w if rot is None else (torch.einsum("oihw,ij->ojhw", w, rot) if conv else w @ rot)
-            xq = _dobi_fq(xr.reshape(1, -1), a_bits, self.steps, self.max_samples, self.gen).reshape(xr.shape)
+            xq = _dobi_fq(xr.reshape(1, -1), a_bits, self.steps, self.max_samples, self.gen,
+                          name in self.one_direction).reshape(xr.shape)
             wrows = wr.reshape(wr.shape[0], -1) if self.per_channel else wr.reshape(1, -1)
             wq = _dobi_fq(wrows, w_bits, self.steps, self.max_samples, self.gen).reshape(wr.shape)
             errs.append(float((apply(xq, wq) - ref).pow(2).sum()))
@@ -425,7 +430,8 @@ def rotate_model(model: nn.Module, quant: QuantOptions, opts: RotateOptions, cal
                 layers[sel.name] = m
     if layers:
         measure = _Measure({n: (w_bits(n), a_bits(n)) for n in layers}, quant.w_granularity == "channel",
-                           opts.dobi_steps, opts.max_samples, opts.seed)
+                           opts.dobi_steps, opts.max_samples, opts.seed,
+                           [n for n in layers if matches(f"{n}.input_quantizers.0", place.one_direction)])
         mats = {n: orthogonal(_channels(m), opts.matrix, rng) for n, m in layers.items()}
         handles = [m.register_forward_pre_hook(lambda mod, args, n=n: measure.online(n, mats[n][0], mod, args[0]))
                    for n, m in layers.items()]
