@@ -48,8 +48,9 @@ def _median_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int = 3) -
 
 def main(args, command: str) -> None:
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
-    logger = setup_logger("bench_rotation", None)
     out_dir = Path("results")
+    out_dir.mkdir(exist_ok=True)
+    logger = setup_logger(out_dir / f"bench_rotation_{opts.name}.log")
     ctx = validation_context(opts, args.opt, out_dir, logger)
     r = ctx.opts.conditioning.rotate
     c = ctx.opts.conditioning
@@ -107,9 +108,13 @@ def main(args, command: str) -> None:
     print("\n".join(lines))
 
 
-if __name__ == "__main__":
+def parse(argv):
     parser = option_parser("scripts/bench_rotation.py")
     parser.add_argument("--bits", type=int, nargs="+", default=[4])
-    ns = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ns = parse(sys.argv[1:])
     cmd = " ".join(shlex.quote(a) for a in ["python", "scripts/bench_rotation.py", *sys.argv[1:]])
     raise SystemExit(run_cli(lambda: main(ns, cmd)))

@@ -244,3 +244,18 @@ def test_condiquant_with_rotation_trains_and_resumes_into_a_rotated_model(projec
 def test_rotated_class_is_cached_and_idempotent():
     cls = rotated_class(nn.Conv2d)
     assert rotated_class(nn.Conv2d) is cls and rotated_class(cls) is cls and cls.rotation_base is nn.Conv2d
+
+
+def test_bench_rotation_script_reports_pass_psnr_and_online_share(project):
+    from conftest import load_script
+
+    opts = train_options("condiquant")
+    opts["conditioning"] = {"holdout_patches": 2, "patch_size": 12,
+                            "rotate": {"num_patches": 2, "patch_size": 12, "dobi_steps": 5}}
+    path = write_yaml(project, "train.yml", opts)
+    bench = load_script("bench_rotation")
+    bench.main(bench.parse(["-opt", str(path), "--bits", "4", "2"]), "python scripts/bench_rotation.py")
+    data = json.loads((project / "results" / "bench_rotation_tiny_condiquant.json").read_text())
+    assert set(data["bits"]) == {"4", "2"} and all(b["output_change"] <= 1e-6 for b in data["bits"].values())
+    assert set(data["timing"]) == {"fp_plain", "fp_rotated", "fq_plain", "fq_rotated"}
+    assert "share" in (project / "results" / "bench_rotation_tiny_condiquant.md").read_text()
