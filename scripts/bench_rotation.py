@@ -7,7 +7,8 @@
 2. the calibration-validation PSNR of DOBI-initialised quantized models without and with the rotations, per bits
    (the same crops, observer and placement; the rotations are chosen for each bit-width);
 3. the online transforms' share of inference time on one Urban100-sized LR input (256 x 192): the rotated network
-   against the same network without rotations, FP and fake-quant with frozen weights (median of 3 after a warm-up).
+   against the same network without rotations, FP and fake-quant with frozen weights (median of 5 rounds after a
+   warm-up, the four networks interleaved in every round).
 
 Writes ``results/bench_rotation_<name>.md`` and ``.json``.
 """
@@ -35,15 +36,18 @@ from condiquant.runtime import setup_logger
 from condiquant.transforms.rotation import rotate_model
 
 
-def _median_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+def _median_seconds(models: dict, x: torch.Tensor, repeats: int = 5) -> dict:
+    """Median forward time of each model, the models interleaved in every round (drifts hit them alike)."""
+    times = {k: [] for k in models}
     with torch.no_grad():
-        model(x)  # warm-up
-        times = []
+        for m in models.values():
+            m(x)  # warm-up
         for _ in range(repeats):
-            tic = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - tic)
-    return statistics.median(times)
+            for k, m in models.items():
+                tic = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - tic)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(args, command: str) -> None:
@@ -84,8 +88,8 @@ def main(args, command: str) -> None:
                 "val_psnr_dobi": psnr, "fp_val_psnr": validation_psnr(ctx.fp_model, ctx)}
             logger.info("W%dA%d: %s", bits, bits, result["bits"][bits])
         x = torch.rand(1, 3, 192, 256, generator=torch.Generator().manual_seed(0)).to(ctx.device) * ctx.input_range
-        result["timing"] = {k: _median_seconds(freeze_weights(net).eval() if k.startswith("fq") else net.eval(), x)
-                            for k, net in timed.items()}
+        result["timing"] = _median_seconds({k: freeze_weights(net).eval() if k.startswith("fq") else net.eval()
+                                            for k, net in timed.items()}, x)
     name = ctx.opts.name
     (out_dir / f"bench_rotation_{name}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Rotation pass: {name}", "", f"`{command}` — {result['threads']} thread(s), one process; DOBI bounds, "
@@ -99,7 +103,7 @@ def main(args, command: str) -> None:
                      f"{b['val_psnr_dobi']['rotated']:.3f} | {b['fp_val_psnr']:.3f} |")
     t = result["timing"]
     lines += ["", f"Online transforms' share of inference time (one 256x192 LR input, W{args.bits[0]}A{args.bits[0]} "
-              "rotations, median of 3 after a warm-up):", "", "| network | plain (s) | rotated (s) | share |",
+              "rotations, median of 5 interleaved rounds after a warm-up):", "", "| network | plain (s) | rotated (s) | share |",
               "|---|---|---|---|"]
     for kind, label in (("fp", "FP"), ("fq", "fake-quant, frozen weights")):
         share = 1 - t[f"{kind}_plain"] / t[f"{kind}_rotated"]
