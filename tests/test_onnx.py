@@ -134,3 +134,32 @@ def test_bench_deploy_writes_every_acceptance_field(project, w_bits):
             "psnr_fakequant"} <= set(saved) and saved["bits"] == 8 and report["model"] == "IMDN_x2"
     assert abs(saved["psnr_int8"] - saved["psnr_fakequant"]) < 0.5
     assert saved["optimized_ops"].get("QLinearConv", 0) > 0
+
+
+def test_rotated_model_exports_with_integer_convolutions_and_float_rotations(tmp_path):
+    """The online rotations are float 1x1 products in front of QuantizeLinear; the quantized convolutions stay
+    integer (QLinearConv) and the export matches the fake-quant model."""
+    import copy
+    import logging
+
+    from condiquant.archs import build_network
+    from condiquant.options import RotateOptions
+    from condiquant.quant.attach import attach_quantizers
+    from condiquant.quant.calibrate import ObserverSpec, init_bounds
+    from condiquant.transforms.rotation import rotate_model
+
+    _, quant, x = quantized(IMDN, 8, "channel")
+    torch.manual_seed(0)
+    model = build_network(IMDN).eval()
+    report = rotate_model(model, quant, RotateOptions(select="all", dobi_steps=5), x[:2], [x[2:]], 1.0,
+                          logging.getLogger("test_onnx"))
+    rotated = sum(s.rotated for s in report.sites)
+    attach_quantizers(model, quant)
+    init_bounds(model, [x], ObserverSpec("dobi", dobi_steps=20))
+    align_zero_points(model)
+    ops = optimized_ops(export_onnx(copy.deepcopy(model), tmp_path / "rot.onnx", scale=2, output_batches=[x]))
+    n_quantized = sum(1 for m in model.modules() if type(m).__name__ == "QuantConv2d")
+    assert rotated > 0 and ops.get("QLinearConv", 0) >= n_quantized
+    y = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (OnnxSR(tmp_path / "rot.onnx")(y) - model(y)).abs().max() < 4 / 255
