@@ -85,3 +85,23 @@ def test_compsrt_trains_bounds_and_scalars_and_rebuilds(project):
     assert all(isinstance(q, HadamardQuantizer) for _, q in named_quantizers(model))
     info = describe(from_dict(TrainOptions, opts, "t"))
     assert info["deployable"] is False
+
+
+def test_effective_levels_counts_the_codes_a_moved_alpha_opens(project):
+    from conftest import load_script
+
+    opts = train_options("compsrt")
+    opts["quant"]["hadamard"] = True
+    assert main_train(["-opt", write_yaml(project, "train.yml", opts)]) == 0
+    ckpt = project / "experiments" / "tiny_compsrt" / "models" / "net_q_latest.pth"
+    raw = torch.load(ckpt, weights_only=True)
+    params = {k: v.clone() for k, v in raw["params"].items()}
+    script = load_script("effective_levels")
+    for k in [k for k in params if k.endswith((".alpha", ".beta"))]:
+        params[k].zero_()
+    assert script.levels(params, 4, 4)["over"] == 0.0 and script.levels(params, 4, 4)["median"] == 16
+    name = next(k for k in params if k.endswith(".alpha"))[: -len(".alpha")]
+    nominal = (params[f"{name}.upper"] - params[f"{name}.lower"]) / 15
+    params[f"{name}.alpha"] = -0.5 * nominal  # half the step: the same range now holds 31 codes
+    r = script.levels(params, 4, 4)
+    assert 0 < r["over"] < 1 and r["alpha_min"] == pytest.approx(-0.5)
