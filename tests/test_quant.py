@@ -36,6 +36,20 @@ def test_fake_quant_equals_hand_written_reference(bits):
         assert len(torch.unique(ours)) == 2 ** bits
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_in_place_forward_is_bit_identical_to_the_op_chain(per_channel):
+    """The forward runs its ops in place for speed; the values must be those of the plain op chain, bit for bit
+    (cached table cells rely on it)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 7) * 2
+    shape = (1, 8, 1, 1) if per_channel else ()
+    lo, hi = -torch.rand(shape) - 0.2, torch.rand(shape) + 0.3
+    width = torch.clamp(hi - lo, min=1e-8)
+    scale = width / 15
+    chain = torch.round((torch.minimum(torch.maximum(x, lo), lo + width) - lo) / scale) * scale + lo
+    assert torch.equal(fake_quant(x, lo, hi, 4), chain)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_matches_torch_fake_quantize_when_lower_bound_is_on_the_grid(bits):
     levels = 2 ** bits - 1
@@ -190,3 +204,25 @@ def test_emt_q_qt_product_has_a_single_quantizer():
     assert any(".qk_matmuls." in n for n in names)
     assert not any(".qk_matmuls." in n and n.endswith("quant_b") for n in names)
     assert any(".av_matmuls." in n and n.endswith("quant_b") for n in names)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "log2", "twin_softmax", "twin_activation"])
+def test_scoring_path_equals_the_training_path_bit_for_bit(kind):
+    """Without gradients the quantizers skip the straight-through terms and work in place; the values must not
+    change (scoring and training see the same grid)."""
+    from condiquant.quant.log2 import Log2Quantizer
+    from condiquant.quant.twin import TwinUniformQuantizer
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, 9, 9)
+    if kind in ("log2", "twin_softmax"):  # post-softmax maps
+        x = torch.softmax(x, dim=-1)
+    q = {"uniform": lambda: UniformQuantizer(3), "log2": lambda: Log2Quantizer(3),
+         "twin_softmax": lambda: TwinUniformQuantizer(3, "softmax"),
+         "twin_activation": lambda: TwinUniformQuantizer(3, "activation")}[kind]()
+    q.set_bounds(x.min(), x.max())
+    trained = q(x.clone().requires_grad_(True))
+    trained.sum().backward()  # the training path still differentiates
+    with torch.no_grad():
+        scored = q(x)
+    assert torch.equal(trained.detach(), scored) and not torch.equal(scored, x)

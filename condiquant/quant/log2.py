@@ -14,14 +14,16 @@ from condiquant.quant.quantizer import UniformQuantizer
 
 def log2_quant(x: torch.Tensor, scale: torch.Tensor, n_bits: int) -> torch.Tensor:
     top = 2 ** n_bits - 2  # the largest code that is not zero
-    ratio = torch.clamp(x.detach(), min=1e-30) / scale.detach()
-    code = torch.clamp(torch.round(-2 * torch.log2(ratio)), min=0)  # integer-valued: exact powers of √2 below
-    keep = (code <= top) & (x.detach() > 0)
+    xd = x.detach()
+    # codes computed in place on one fresh tensor (scoring runs this on every attention map)
+    code = torch.clamp(xd, min=1e-30).div_(scale.detach()).log2_().mul_(-2).round_().clamp_(min=0)
+    keep = (code <= top) & (xd > 0)  # integer-valued codes: exact powers of √2 below s, else zero
     # one table of the 2^b - 1 powers: torch's vectorised exp2 is not bit-identical across elements of one call
     powers = torch.exp2(-torch.arange(top + 1, dtype=x.dtype, device=x.device) / 2)
-    value = scale * powers[torch.clamp(code, max=top).long()]  # differentiable in the scale
-    # straight-through for the input where it is not sent to zero
-    return torch.where(keep, value + (x - x.detach()), torch.zeros_like(value))
+    value = scale * powers[code.clamp_(max=top).long()]  # differentiable in the scale
+    if x.requires_grad:  # straight-through for the input where it is not sent to zero
+        value = value + (x - xd)
+    return value.masked_fill_(~keep, 0)
 
 
 class Log2Quantizer(UniformQuantizer):

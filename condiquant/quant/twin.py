@@ -16,19 +16,26 @@ import torch
 from condiquant.quant.quantizer import UniformQuantizer
 
 
+def _straight_through(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` with the identity gradient to ``x`` (nothing to add when ``x`` needs none, e.g. when scoring)."""
+    return out + (x - x.detach()) if x.requires_grad else out
+
+
+def _grid(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return torch.div(x, step).round_().clamp_(lo, hi).mul_(step)  # in place on one fresh tensor
+
+
 def twin_softmax(x: torch.Tensor, small: torch.Tensor, large: torch.Tensor, n_bits: int) -> torch.Tensor:
     top = 2 ** (n_bits - 1) - 1
     xd = x.detach()
-    low = torch.clamp(torch.round(xd / small), 0, top) * small
-    high = torch.clamp(torch.round(xd / large), 0, top) * large
-    return torch.where(xd < (top + 1) * small, low, high) + (x - xd)
+    out = torch.where(xd < (top + 1) * small, _grid(xd, small, 0, top), _grid(xd, large, 0, top))
+    return _straight_through(out, x)
 
 
 def twin_activation(x: torch.Tensor, neg: torch.Tensor, pos: torch.Tensor, n_bits: int) -> torch.Tensor:
     half = 2 ** (n_bits - 1)
     xd = x.detach()
-    out = torch.clamp(torch.round(xd / pos), 0, half - 1) * pos + torch.clamp(torch.round(xd / neg), -half, 0) * neg
-    return out + (x - xd)
+    return _straight_through(_grid(xd, pos, 0, half - 1).add_(_grid(xd, neg, -half, 0)), x)
 
 
 class TwinUniformQuantizer(UniformQuantizer):

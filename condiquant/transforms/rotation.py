@@ -34,6 +34,7 @@ to the rotated, quantized inputs).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -357,7 +358,7 @@ class _Measure:
         return math.sqrt(before / max(ref, 1e-300)), math.sqrt(after / max(ref, 1e-300))
 
 
-def _operand(mm: nn.Module, which: str, args: Tuple[Tensor, ...]) -> Tensor:
+def _operand(which: str, args: Tuple[Tensor, ...]) -> Tensor:
     """The q / k (as (..., N, head_dim)) or v operand of a MatMul call."""
     if which == "a":
         return args[0]
@@ -373,8 +374,6 @@ def rotate_model(model: nn.Module, quant: QuantOptions, opts: RotateOptions, cal
     """Rotate the sites of FP ``model`` in place where that lowers their quantization error on ``calib`` (one batch
     of LR crops in 0..1), then check the output against ``source`` (default: ``model`` before the pass) on the
     held-out batches in float64."""
-    import copy
-
     tic = time.perf_counter()
     before = source if source is not None else copy.deepcopy(model)
     report = RotationReport(opts)
@@ -401,7 +400,7 @@ def rotate_model(model: nn.Module, quant: QuantOptions, opts: RotateOptions, cal
             for key, operands, r in ((f"{s.name}.qk", s.qk_operands, r_qk), (f"{s.name}.v", s.v_operands, r_v)):
                 for mm, which in operands:
                     hook = (lambda m, args, key=key, which=which, r=r:
-                            measure.operand(key, r, _operand(m, which, args), quant.a_bit))
+                            measure.operand(key, r, _operand(which, args), quant.a_bit))
                     handles.append(mm.register_forward_pre_hook(hook))
         try:
             model(calib * input_range)
