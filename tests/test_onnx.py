@@ -18,10 +18,11 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags or " avx2" not in flags
 
 
-# Likely cause (not yet verified): ONNX Runtime's u8s8 integer kernels on x86 AVX2 without VNNI add pairs of u8 x s8
-# products in int16, which can saturate (the reason for its reduce_range advice). On such a CPU (AMD EPYC, AVX2 only; ORT 1.22.1 / 1.31.1 /
-# 1.32.0 alike) the integer convolutions miss the fake-quant output by 0.02-0.04, beyond one step: a known
-# limitation of the integer path there, not of the export; the tests still run and pass where VNNI exists.
+# Likely cause (not yet verified): ONNX Runtime's u8s8 integer kernels on x86 AVX2 without VNNI add pairs of
+# u8 x s8 products in int16, which can saturate (the reason for its reduce_range advice). On such a CPU (AMD EPYC,
+# AVX2 only; ORT 1.32.0, the first test also with 1.22.1 and 1.31.1) the integer convolutions miss the fake-quant
+# output by 0.02-0.04, beyond one step: a limitation of the integer path there, not of the export; the tests still
+# run, and pass where VNNI exists.
 INTEGER_CONV_EXACT = pytest.mark.xfail(not _has_vnni(), strict=False,
                                        reason="ORT u8s8 int16 saturation on AVX2 without VNNI")
 
