@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Which quantizers cost the most? Bounds from one observer, then PSNR on the calibration validation split with
-only a group of quantizers enabled (never a test set).
+"""Which quantizers cost the most? Bounds from one observer (or a trained quantized checkpoint), then PSNR on the
+calibration validation split with only a group of quantizers enabled (never a test set).
 
     python scripts/quant_sensitivity.py -opt options/train/EMT_x4_2dquant.yml [--observer dobi] [--set k=v ...]
+    python scripts/quant_sensitivity.py -opt <train yml> --checkpoint experiments/<run>/models/net_q_latest.pth \
+        --per-module
 
-Groups: all, weights only, activations only, and per module kind (last name component of the quantized module,
-e.g. fc1, qk_matmuls). Writes results/sensitivity_<name>.md.
+Groups: all, weights only, activations only, per module kind (last name component of the quantized module, e.g.
+fc1, qk_matmuls), and with ``--per-module`` the input quantizers of each quantized module alone. Writes
+results/sensitivity_<name>.md (``name`` of the options, or of the checkpoint's run folder).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from condiquant.config import apply_overrides, from_dict, load_yaml
 from condiquant.engine.loop import validation_psnr
 from condiquant.options import TrainOptions
 from condiquant.ptq import validation_context
+from condiquant.quant.checkpoint import build_quantized, quant_options_of
 from condiquant.quant.attach import named_quantizers, quant_modules
 from condiquant.runtime import setup_logger
 
@@ -35,16 +39,28 @@ def module_kind(name: str) -> str:
 def main() -> None:
     parser = option_parser("scripts/quant_sensitivity.py")
     parser.add_argument("--observer", default="dobi", choices=["minmax", "percentile", "dobi"])
+    parser.add_argument("--checkpoint", help="quantized checkpoint whose bounds to score (instead of --observer)")
+    parser.add_argument("--per-module", action="store_true", help="also each module's input quantizers alone")
     args = parser.parse_args()
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/quant_sensitivity.py", *sys.argv[1:]])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
-    out = Path("results") / f"sensitivity_{opts.name}.md"
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is not None and (not ckpt.is_file() or quant_options_of(ckpt) is None):
+        print(f"--checkpoint: not a quantized checkpoint: {ckpt}", file=sys.stderr)
+        sys.exit(2)
+    name = opts.name if ckpt is None else ckpt.parent.parent.name
+    out = Path("results") / f"sensitivity_{name}.md"
     out.parent.mkdir(exist_ok=True)
     logger = setup_logger(out.with_suffix(".log"))
     ctx = validation_context(opts, args.opt, out.parent, logger)
-    fp, quant, calib = ctx.fp_model, ctx.quant, ctx.calib
-    model = ctx.quantized_copy()
-    ctx.init_bounds(model, args.observer)
+    fp, calib = ctx.fp_model, ctx.calib
+    if ckpt is None:
+        quant, source = ctx.quant, f"{args.observer} bounds"
+        model = ctx.quantized_copy()
+        ctx.init_bounds(model, args.observer)
+    else:
+        quant, source = quant_options_of(ckpt), f"bounds of `{ckpt}`"
+        model = build_quantized(ckpt, opts.network_g, "-opt").to(ctx.device).eval()
     quantizers = dict(named_quantizers(model))
     groups = {"all": set(quantizers), "weights only": {n for n in quantizers if ".weight_quantizers." in n}}
     groups["activations only"] = set(quantizers) - groups["weights only"]
@@ -53,6 +69,11 @@ def main() -> None:
         for q_name, _ in named_quantizers(module):
             by_kind[module_kind(mod_name)].add(f"{mod_name}.{q_name}")
     groups.update({f"only {k}": v for k, v in sorted(by_kind.items())})
+    if args.per_module:
+        for mod_name, module in quant_modules(model):
+            names = {f"{mod_name}.{q}" for q, _ in named_quantizers(module) if ".weight_quantizers." not in f".{q}"}
+            if names:
+                groups[f"inputs of {mod_name}"] = names
 
     fp_psnr = validation_psnr(fp, ctx)
     rows = []
@@ -64,7 +85,7 @@ def main() -> None:
         logger.info("%s: %.3f dB", label, psnr)
     text = "\n".join([
         f"# Quantizer sensitivity: {opts.name}", "",
-        f"Produced by `{command}`. {args.observer} bounds (W{quant.w_bit}A{quant.a_bit}, weights per "
+        f"Produced by `{command}`. {source} (W{quant.w_bit}A{quant.a_bit}, weights per "
         f"{quant.w_granularity}); PSNR on the calibration validation split ({len(calib.val_paths)} images, "
         f"LR centre crops of {opts.calib.val_patch_size}), FP {fp_psnr:.2f} dB; only the listed quantizers enabled.",
         "", "| enabled quantizers | count | PSNR (dB) | vs FP |", "|---|---|---|---|", *rows])
