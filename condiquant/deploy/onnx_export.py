@@ -4,7 +4,7 @@ Runtime (which fuses Q/DQ around Conv and MatMul into QLinearConv / QLinearMatMu
 Every uniform quantizer becomes a Q/DQ pair on an integer grid: scale s = (u - l) / (2^b - 1) and zero point
 z = round(-l / s) (ONNX needs an integer zero point; our grids start at l, so the exported grid is ours shifted by
 less than s / 2). Activations are uint8 codes (below 8 bits, a Clip to the b-bit range first), weights int8
-codes, per tensor or per output channel as trained. The graph takes and returns images in 0..1 (a model's
+codes centred on 0, per tensor or per output channel as trained. The graph takes and returns images in 0..1 (a model's
 ``input_range`` is applied inside). Shapes: ``tile=None`` exports dynamic H and W (works for convolutional
 archs); window-attention archs (EMT, SwinIR) compute their window padding from Python ints, so they are exported
 at a fixed ``tile`` x ``tile`` LR input and :class:`condiquant.deploy.onnx_runtime.OnnxSR` tiles larger images
@@ -41,7 +41,10 @@ class QDQ(nn.Module):
         zero = torch.clamp(torch.round(-lower / scale), 0, levels)
         self.per_channel = q.channel_axis is not None
         self.axis = q.channel_axis or 0
-        self.offset = 128 if weight else 0  # weights as int8 codes (QLinearConv's usual weight type)
+        # weights as int8 codes (QLinearConv's usual weight type), centred: a b-bit code c is stored as
+        # c - 2^(b-1), so below 8 bits |code| <= 64 and ORT's AVX2 kernels (which add pairs of u8 x s8 products in
+        # int16) cannot saturate; stored as c - 128, 4-bit weights sat at -128 and did
+        self.offset = 2 ** (q.n_bits - 1) if weight else 0
         self.register_buffer("scale", scale if self.per_channel else scale.reshape(()))
         self.register_buffer("zero", (zero - self.offset).to(torch.int32) if self.per_channel
                              else (zero - self.offset).reshape(()).to(torch.int32))
@@ -183,7 +186,12 @@ def export_onnx(model: nn.Module, path: Path, scale: int, tile: Optional[int] = 
         torch.onnx.export(graph, (sample,), str(path), dynamo=False, opset_version=opset, input_names=["lr"],
                           output_names=["sr"], dynamic_axes=dynamic, do_constant_folding=True)
     proto = onnx.load(str(path))
-    meta = {"scale": scale, "tile": tile or 0, "producer": "condiquant"}
+    weights = {n for n, _, _ in weight_quantizer_inputs(model)}
+    bits = {True: 0, False: 0}  # widest weight / activation grid (the runner warns about 8 x 8 bits on AVX2)
+    for name, q in named_quantizers(model):
+        if q.enabled:
+            bits[name in weights] = max(bits[name in weights], q.n_bits)
+    meta = {"scale": scale, "tile": tile or 0, "producer": "condiquant", "w_bits": bits[True], "a_bits": bits[False]}
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, json.dumps(v)

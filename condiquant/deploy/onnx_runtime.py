@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import platform
 from pathlib import Path
 from typing import Dict, List
 
@@ -39,6 +41,18 @@ def optimized_ops(path: Path) -> Dict[str, int]:
     return counts
 
 
+def x86_without_vnni() -> bool:
+    """An x86 CPU whose integer kernels in ONNX Runtime add pairs of u8 x s8 products in int16 (AVX2 without
+    AVX-VNNI or AVX512-VNNI), which saturates when both operands use all 8 bits."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" not in flags and "avx_vnni" not in flags
+
+
 class OnnxSR(nn.Module):
     """``forward(lr)`` with lr in 0..1 (N, 3, H, W) of any size; a model exported at a fixed tile runs tile by
     tile (overlap ``overlap``, outputs averaged where tiles overlap; images smaller than a tile are padded by
@@ -57,6 +71,12 @@ class OnnxSR(nn.Module):
         if not self.scale:
             raise ConfigError(f"{path}: no 'scale' in the model's metadata (not exported by condiquant)")
         self.overlap = min(overlap, self.tile // 2) if self.tile else 0
+        if meta.get("w_bits") == 8 and meta.get("a_bits") == 8 and x86_without_vnni():
+            # measured: W8A8 integer convolutions differ from the fake-quant model there; W<=7 or A<=7 are exact
+            logging.getLogger("condiquant").warning(
+                "%s: 8-bit weights and activations on an x86 CPU without VNNI: ONNX Runtime's integer kernels can "
+                "saturate in int16 here (outputs off by up to ~0.02); export 7-bit weights or activations for "
+                "exact integer results on this CPU", path)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"lr": np.ascontiguousarray(x.numpy(), np.float32)})[0])
