@@ -11,8 +11,8 @@ from condiquant.deploy.onnx_runtime import OnnxSR, optimized_ops, x86_without_vn
 
 # ONNX Runtime's integer kernels on x86 AVX2 without VNNI add pairs of u8 x s8 products in int16, which saturates
 # when both operands use all 8 bits. Measured by running ORT under valgrind (which hides AVX-512 from the program,
-# so ORT takes its AVX2 kernels) on a tiny IMDN: W8A8 misses the fake-quant output by 0.019, W8A7, W7A8 and W4A8 are
-# exact (as on VNNI). So only the W8A8 integer-exactness tests fail there (README, deployment).
+# so ORT takes its AVX2 kernels) on a tiny IMDN (scripts/check_onnx_avx2.py, results/onnx_avx2_check.md): W8A8 is
+# 0.016 off the VNNI result, W8A7, W7A8 and W4A8 compute the same integers. So only W8A8 exactness tests fail there.
 W8A8_INTEGER_EXACT = pytest.mark.xfail(x86_without_vnni(), strict=False,
                                        reason="ORT u8 x s8 int16 saturation at W8A8 on AVX2 without VNNI")
 
