@@ -7,8 +7,11 @@ calibration validation split with only a group of quantizers enabled (never a te
         --per-module
 
 Groups: all, weights only, activations only, per module kind (last name component of the quantized module, e.g.
-fc1, qk_matmuls), and with ``--per-module`` the input quantizers of each quantized module alone. Writes
-results/sensitivity_<name>.md (``name`` of the options, or of the checkpoint's run folder).
+fc1, qk_matmuls), and with ``--per-module`` the input quantizers of each quantized module alone; ``--groups`` keeps
+only the listed ones. ``--bias-correction`` scores every group a second time after empirical bias correction (each
+quantized layer's bias absorbs the mean output change that weight quantization causes on FP inputs, over the
+bound-initialisation crops). Writes results/sensitivity_<name>.md (``name`` of the options, or of the checkpoint's
+run folder).
 """
 from __future__ import annotations
 
@@ -36,11 +39,47 @@ def module_kind(name: str) -> str:
     return parts[-1]
 
 
+def correct_biases(model: torch.nn.Module, fp: torch.nn.Module, batches, input_range: float) -> int:
+    """Empirical bias correction (Nagel et al., "Data-free quantization", 2019): for each quantized layer with a
+    bias, subtract the mean over crops and positions of (its output with quantized weights and FP inputs - the FP
+    layer's output). Low-bit weight errors are far from zero-mean per output channel (2DQuant's grids need not hold
+    0), and that offset is what a stack of layers accumulates. Returns how many biases changed."""
+    fp_modules = dict(fp.named_modules())
+    sums: dict = {}
+
+    def hook(name: str, module):
+        def record(_, inputs, output):
+            inputs_q = [q for n, q in named_quantizers(module) if ".weight_quantizers." not in f".{n}"]
+            states = [q.enabled for q in inputs_q]
+            for q in inputs_q:
+                q.enabled = False
+            delta = (module(inputs[0]) - output).double()
+            for q, state in zip(inputs_q, states):
+                q.enabled = state
+            channel = 1 if delta.dim() == 4 else -1  # conv maps (N, C, H, W); linear tokens (..., C)
+            total, count = sums.get(name, (0.0, 0))
+            sums[name] = (total + delta.movedim(channel, 0).flatten(1).sum(dim=1), count + delta.numel() // delta.shape[channel])
+        return record
+
+    layers = {n: m for n, m in quant_modules(model) if len(m.weight_quantizers) and m.bias is not None}
+    handles = [fp_modules[n].register_forward_hook(hook(n, m)) for n, m in layers.items()]
+    for x in batches:
+        fp(x * input_range)
+    for h in handles:
+        h.remove()
+    for name, (total, count) in sums.items():
+        layers[name].bias.data -= (total / count).to(layers[name].bias.dtype)
+    return len(sums)
+
+
 def main() -> None:
     parser = option_parser("scripts/quant_sensitivity.py")
     parser.add_argument("--observer", default="dobi", choices=["minmax", "percentile", "dobi"])
     parser.add_argument("--checkpoint", help="quantized checkpoint whose bounds to score (instead of --observer)")
     parser.add_argument("--per-module", action="store_true", help="also each module's input quantizers alone")
+    parser.add_argument("--groups", help="comma-separated group labels to score (default: every group)")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="score the groups again after empirical bias correction of the quantized layers")
     args = parser.parse_args()
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/quant_sensitivity.py", *sys.argv[1:]])
     opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
@@ -62,8 +101,8 @@ def main() -> None:
         quant, source = quant_options_of(ckpt), f"bounds of `{ckpt}`"
         model = build_quantized(ckpt, opts.network_g, "-opt").to(ctx.device).eval()
     quantizers = dict(named_quantizers(model))
-    groups = {"all": set(quantizers), "weights only": {n for n in quantizers if ".weight_quantizers." in n}}
-    groups["activations only"] = set(quantizers) - groups["weights only"]
+    all_weights = {n for n in quantizers if ".weight_quantizers." in n}
+    groups = {"all": set(quantizers), "weights only": all_weights, "activations only": set(quantizers) - all_weights}
     by_kind = defaultdict(set)
     for mod_name, module in quant_modules(model):
         for q_name, _ in named_quantizers(module):
@@ -75,20 +114,45 @@ def main() -> None:
             if names:
                 groups[f"inputs of {mod_name}"] = names
 
+    if args.groups:
+        wanted = [g.strip() for g in args.groups.split(",")]
+        unknown = [g for g in wanted if g not in groups]
+        if unknown:
+            print(f"--groups: no group {unknown[0]!r} (groups: {', '.join(groups)})", file=sys.stderr)
+            sys.exit(2)
+        groups = {g: groups[g] for g in wanted}
+
+    def score(tag: str, only=lambda names: True) -> list:
+        psnrs = []
+        for label, names in groups.items():
+            if not only(names):
+                psnrs.append(None)
+                continue
+            for n, q in quantizers.items():
+                q.enabled = n in names
+            psnrs.append(validation_psnr(model, ctx))
+            logger.info("%s%s: %.3f dB", label, tag, psnrs[-1])
+        for q in quantizers.values():
+            q.enabled = True
+        return psnrs
+
     fp_psnr = validation_psnr(fp, ctx)
-    rows = []
-    for label, names in groups.items():
-        for n, q in quantizers.items():
-            q.enabled = n in names
-        psnr = validation_psnr(model, ctx)
-        rows.append(f"| {label} | {len(names)} | {psnr:.2f} | {psnr - fp_psnr:+.2f} |")
-        logger.info("%s: %.3f dB", label, psnr)
+    columns = [score("")]
+    header = "| enabled quantizers | count | PSNR (dB) | vs FP |"
+    if args.bias_correction:
+        n_layers = correct_biases(model, fp, ctx.calibration_batches(), ctx.input_range)
+        # the corrected biases compensate the quantized weights: only groups that quantize all of them are meaningful
+        columns.append(score(" (bias-corrected)", lambda names: all_weights <= names))
+        header += " bias-corrected | vs FP |"
+        source += f", then empirical bias correction of {n_layers} layers"
+    rows = [f"| {label} | {len(names)} | " + " | ".join("– | –" if c[i] is None else f"{c[i]:.2f} | {c[i] - fp_psnr:+.2f}" for c in columns) + " |"
+            for i, (label, names) in enumerate(groups.items())]
     text = "\n".join([
         f"# Quantizer sensitivity: {opts.name}", "",
         f"Produced by `{command}`. {source} (W{quant.w_bit}A{quant.a_bit}, weights per "
         f"{quant.w_granularity}); PSNR on the calibration validation split ({len(calib.val_paths)} images, "
         f"LR centre crops of {opts.calib.val_patch_size}), FP {fp_psnr:.2f} dB; only the listed quantizers enabled.",
-        "", "| enabled quantizers | count | PSNR (dB) | vs FP |", "|---|---|---|---|", *rows])
+        "", header, "|---|---|" + "---|---|" * len(columns), *rows])
     out.write_text(text + "\n")
     print(text)
 
