@@ -58,7 +58,8 @@ def correct_biases(model: torch.nn.Module, fp: torch.nn.Module, batches, input_r
                 q.enabled = state
             channel = 1 if delta.dim() == 4 else -1  # conv maps (N, C, H, W); linear tokens (..., C)
             total, count = sums.get(name, (0.0, 0))
-            sums[name] = (total + delta.movedim(channel, 0).flatten(1).sum(dim=1), count + delta.numel() // delta.shape[channel])
+            sums[name] = (total + delta.movedim(channel, 0).flatten(1).sum(dim=1),
+                          count + delta.numel() // delta.shape[channel])
         return record
 
     layers = {n: m for n, m in quant_modules(model) if len(m.weight_quantizers) and m.bias is not None}
@@ -145,7 +146,10 @@ def main() -> None:
         columns.append(score(" (bias-corrected)", lambda names: all_weights <= names))
         header += " bias-corrected | vs FP |"
         source += f", then empirical bias correction of {n_layers} layers"
-    rows = [f"| {label} | {len(names)} | " + " | ".join("– | –" if c[i] is None else f"{c[i]:.2f} | {c[i] - fp_psnr:+.2f}" for c in columns) + " |"
+    def cell(psnr) -> str:
+        return "– | –" if psnr is None else f"{psnr:.2f} | {psnr - fp_psnr:+.2f}"
+
+    rows = [f"| {label} | {len(names)} | " + " | ".join(cell(c[i]) for c in columns) + " |"
             for i, (label, names) in enumerate(groups.items())]
     text = "\n".join([
         f"# Quantizer sensitivity: {opts.name}", "",
