@@ -186,6 +186,9 @@ class BoundInitOptions:
     max_samples: int = 1 << 20  # per-quantizer value sample for percentile/DOBI (exact min/max always)
     density_ratio: float = 1e-4  # dbdc (PTQ4SR's density-based dual clipping): share of the values clipped
     density_ratio_8bit: float = 1e-5  # ... at 8 bits (the released code's values)
+    # after the bounds: each weight-quantized layer's bias absorbs the mean output shift of its weight quantization
+    # (empirical bias correction, Nagel et al. 2019; transforms/bias_correction.py); methods: BIAS_CORRECTED
+    bias_correction: bool = False
 
 
 @dataclass
@@ -451,6 +454,8 @@ class ReconOptions(LoopOptions):
 
 Method = Literal["minmax", "percentile", "dobi", "2dquant", "condiquant", "oaq", "condiquant_oaq", "noisyquant",
                  "adaround", "brecq", "qdrop", "repq", "dbdc_pac", "ptq4vit", "compsrt"]
+# The methods whose pipeline runs bound_init.bias_correction (after their bounds, before any training).
+BIAS_CORRECTED = ("minmax", "percentile", "dobi", "2dquant", "condiquant", "compsrt")
 
 
 @dataclass
@@ -491,6 +496,9 @@ class TrainOptions:
             raise ConfigError(f"{where} quant.noisy_bias: true exactly when method is noisyquant")
         if (self.method == "compsrt") != self.quant.hadamard:
             raise ConfigError(f"{where} quant.hadamard: true exactly when method is compsrt")
+        if self.bound_init.bias_correction and self.method not in BIAS_CORRECTED:
+            raise ConfigError(f"{where} bound_init.bias_correction: supported with methods "
+                              f"{', '.join(BIAS_CORRECTED)}, not {self.method}")
 
 
 @dataclass

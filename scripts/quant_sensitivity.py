@@ -10,7 +10,8 @@ Groups: all, weights only, activations only, per module kind (last name componen
 fc1, qk_matmuls), and with ``--per-module`` the input quantizers of each quantized module alone; ``--groups`` keeps
 only the listed ones. ``--bias-correction`` scores every group a second time after empirical bias correction (each
 quantized layer's bias absorbs the mean output change that weight quantization causes on FP inputs, over the
-bound-initialisation crops). Writes results/sensitivity_<name>.md (``name`` of the options, or of the checkpoint's
+bound-initialisation crops: ``condiquant/transforms/bias_correction.py``, the training option
+``bound_init.bias_correction``). Writes results/sensitivity_<name>.md (``name`` of the options, or of the checkpoint's
 run folder).
 """
 from __future__ import annotations
@@ -31,46 +32,13 @@ from condiquant.ptq import validation_context
 from condiquant.quant.checkpoint import build_quantized, quant_options_of
 from condiquant.quant.attach import named_quantizers, quant_modules
 from condiquant.runtime import setup_logger
+from condiquant.transforms.bias_correction import correct_biases
 
 
 def module_kind(name: str) -> str:
     """'body.0.mlp_list.3.fc1' -> 'fc1'; 'body.0.sa_list.0.qk_matmuls.1' -> 'qk_matmuls' (drop list indices)."""
     parts = [p for p in name.split(".") if not p.isdigit()]
     return parts[-1]
-
-
-def correct_biases(model: torch.nn.Module, fp: torch.nn.Module, batches, input_range: float) -> int:
-    """Empirical bias correction (Nagel et al., "Data-free quantization", 2019): for each quantized layer with a
-    bias, subtract the mean over crops and positions of (its output with quantized weights and FP inputs - the FP
-    layer's output). Low-bit weight errors are far from zero-mean per output channel (2DQuant's grids need not hold
-    0), and that offset is what a stack of layers accumulates. Returns how many biases changed."""
-    fp_modules = dict(fp.named_modules())
-    sums: dict = {}
-
-    def hook(name: str, module):
-        def record(_, inputs, output):
-            inputs_q = [q for n, q in named_quantizers(module) if ".weight_quantizers." not in f".{n}"]
-            states = [q.enabled for q in inputs_q]
-            for q in inputs_q:
-                q.enabled = False
-            delta = (module(inputs[0]) - output).double()
-            for q, state in zip(inputs_q, states):
-                q.enabled = state
-            channel = 1 if delta.dim() == 4 else -1  # conv maps (N, C, H, W); linear tokens (..., C)
-            total, count = sums.get(name, (0.0, 0))
-            sums[name] = (total + delta.movedim(channel, 0).flatten(1).sum(dim=1),
-                          count + delta.numel() // delta.shape[channel])
-        return record
-
-    layers = {n: m for n, m in quant_modules(model) if len(m.weight_quantizers) and m.bias is not None}
-    handles = [fp_modules[n].register_forward_hook(hook(n, m)) for n, m in layers.items()]
-    for x in batches:
-        fp(x * input_range)
-    for h in handles:
-        h.remove()
-    for name, (total, count) in sums.items():
-        layers[name].bias.data -= (total / count).to(layers[name].bias.dtype)
-    return len(sums)
 
 
 def main() -> None:
@@ -141,7 +109,7 @@ def main() -> None:
     columns = [score("")]
     header = "| enabled quantizers | count | PSNR (dB) | vs FP |"
     if args.bias_correction:
-        n_layers = correct_biases(model, fp, ctx.calibration_batches(), ctx.input_range)
+        n_layers = len(correct_biases(model, ctx.calibration_batches(), ctx.input_range))
         # the corrected biases compensate the quantized weights: only groups that quantize all of them are meaningful
         columns.append(score(" (bias-corrected)", lambda names: all_weights <= names))
         header += " bias-corrected | vs FP |"

@@ -9,6 +9,7 @@ from condiquant.methods.context import PTQContext
 def _observer_only(ctx: PTQContext, observer: str) -> nn.Module:
     model = ctx.quantized_copy()
     ctx.init_bounds(model, observer)
+    ctx.correct_biases(model)
     return model
 
 

@@ -6,9 +6,10 @@ gradient, ``condiquant/transforms/conditioning.py``), ``rotate`` (orthogonal tra
 ``condiquant/transforms/noise_aware.py``; it needs activation bounds, so the copy is quantized and
 DOBI-initialised first). After ``rotate`` the later passes read their FP layer inputs from the rotated network
 (the same function, its layers taking rotated inputs), so the passes compose; whatever runs after the network is
-quantized refits the weight bounds of the layers it changed. The quantized checkpoint simply holds the new weights (and rotations); DQC distils against the original
-FP model. On resume the passes are skipped: the training state holds the full state dict, new weights and
-rotations included.
+quantized refits the weight bounds of the layers it changed; ``bound_init.bias_correction`` runs after the last
+pass. The quantized checkpoint simply holds the new weights (and rotations); DQC distils against the original FP
+model. On resume the passes are skipped: the training state holds the full state dict, new weights and rotations
+included.
 """
 from __future__ import annotations
 
@@ -70,4 +71,7 @@ def conditioned_quantized(ctx: PTQContext) -> nn.Module:
 
 
 def run(ctx: PTQContext) -> nn.Module:
-    return distill(conditioned_quantized(ctx), ctx)
+    model = conditioned_quantized(ctx)
+    if ctx.resume is None:  # after every pass, weights and bounds final; on resume the state holds the biases
+        ctx.correct_biases(model)
+    return distill(model, ctx)

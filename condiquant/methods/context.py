@@ -15,6 +15,7 @@ from condiquant.data.calib import CalibrationImages
 from condiquant.options import QuantOptions, TrainOptions
 from condiquant.quant.attach import attach_quantizers
 from condiquant.quant.calibrate import ObserverSpec, init_bounds, init_weight_bounds
+from condiquant.transforms.bias_correction import correct_biases
 
 
 @dataclass
@@ -63,3 +64,13 @@ class PTQContext:
         b = self.opts.bound_init
         spec = ObserverSpec("dobi", b.percentile, b.dobi_steps, b.max_samples, self.opts.calib.seed)
         init_weight_bounds(model, spec, self.quant.placement.one_direction, modules)
+
+    def correct_biases(self, model: nn.Module) -> None:
+        """``bound_init.bias_correction``: once every bound is set, the layers' biases absorb the mean output shift
+        of their weight quantization, measured on the bound-initialisation crops (``transforms/bias_correction.py``)."""
+        if not self.opts.bound_init.bias_correction:
+            return
+        shifts = correct_biases(model, self.calibration_batches(), self.input_range)
+        self.logger.info("bias correction: %d layers, largest bias shift %.4g", len(shifts),
+                         max(shifts.values(), default=0.0))
+        self.summary["bias_correction_layers"] = len(shifts)

@@ -9,6 +9,7 @@ from condiquant.methods.dqc import distill
 
 def run(ctx: PTQContext) -> nn.Module:
     model = ctx.quantized_copy()
-    if ctx.resume is None:
+    if ctx.resume is None:  # on resume the training state holds the bounds and the corrected biases
         ctx.init_bounds(model, "dobi")
+        ctx.correct_biases(model)
     return distill(model, ctx)
