@@ -32,16 +32,20 @@ import numpy as np
 import torch
 import yaml
 
+from condiquant.archs import build_network
 from condiquant.config import apply_overrides, from_dict, load_yaml, to_dict
 from condiquant.engine.state import atomic_write_text
-from condiquant.scoring import run_test
+from condiquant.engine.loop import validation_psnr
+from condiquant.scoring import run_test, zero_outputs
 from condiquant.options import TableOptions, TestOptions, TrainOptions, VariantOptions
-from condiquant.ptq import run_train
+from condiquant.ptq import run_train, validation_context
 from condiquant.runtime import LOG_FORMAT
 
 log = logging.getLogger("condiquant")
 PACKAGE = Path(__file__).resolve().parent
 UNTRAINED = ("minmax", "percentile", "dobi", "noisyquant", "repq", "ptq4vit")
+# Rows of a fixed model, nothing calibrated: one seed, every dataset scored. FP_body_off: TableOptions.body_off.
+REFERENCE = ("FP", "Bicubic", "FP_body_off")
 
 
 def code_fingerprint() -> str:
@@ -64,7 +68,7 @@ def git_commit() -> str:
 
 
 def _cell_id(method: str, bits: int) -> str:
-    return "FP" if method == "FP" else "Bicubic" if method == "Bicubic" else f"{method}_W{bits}A{bits}"
+    return method if method in REFERENCE else f"{method}_W{bits}A{bits}"
 
 
 def _test_options(table: TableOptions, name: str, datasets: Optional[List[str]] = None, **changes: Any) -> TestOptions:
@@ -88,7 +92,11 @@ def cell_train_options(table: TableOptions, method: str, bits: int, name: str,
 
 
 def load_table(opt_path: str, overrides: List[str]) -> TableOptions:
-    return from_dict(TableOptions, apply_overrides(load_yaml(opt_path), overrides, opt_path), f"{opt_path}:")
+    table = from_dict(TableOptions, apply_overrides(load_yaml(opt_path), overrides, opt_path), f"{opt_path}:")
+    if table.body_off:  # a module of the network? (checked on the bare arch, before any run)
+        net = from_dict(TestOptions, load_yaml(table.test_opt), f"{table.test_opt}:").network_g
+        zero_outputs(build_network(net, f"{table.test_opt} network_g"), [table.body_off], f"{opt_path} body_off")
+    return table
 
 
 def explicit(obj: Any) -> Dict[str, Any]:
@@ -191,25 +199,14 @@ def _train(cache: Cache, method: str, bits: int, seed: int, name: str, key: str,
 
 
 def run_seed(table: TableOptions, cache: Cache, method: str, bits: int, seed: int) -> Dict[str, Any]:
-    """One seed of a cell: trained (or the FP / bicubic model), scored on the validation split and ``seed_datasets``
-    (FP and bicubic: on every dataset, they have no seeds)."""
+    """One seed of a cell: trained (or a fixed reference model), scored on the validation split and
+    ``seed_datasets`` (reference rows: on every dataset, they have no seeds)."""
+    threads = table.num_threads or torch.get_num_threads()
+    if method in REFERENCE:
+        return _run_reference(table, cache, method, seed, threads)
     cell = _cell_id(method, bits)
     name = f"{table.name}_{cell}_s{seed}"
-    threads = table.num_threads or torch.get_num_threads()
     path = cache.dir / cell / f"s{seed}.json"
-    if method in ("FP", "Bicubic"):
-        opts = _test_options(table, name)
-        if method == "Bicubic":
-            opts = replace(opts, network_g={"type": "Bicubic", "upscale": opts.scale},
-                           path=replace(opts.path, pretrain_network_g=None), reference=None)
-        key = run_key(None, opts, seed, threads)
-        if (unit := cache.get(path, key)) is not None:
-            return unit
-        tic = time.perf_counter()
-        scores = run_test(replace(opts, num_threads=threads), table.test_opt, f"scripts/reproduce.py cell {cell}")
-        return cache.put(path, {"cell": cell, "method": method, "bits": bits, "seed": seed, "key": key,
-                                "threads": threads, "train_seconds": 0.0, "score_seconds": time.perf_counter() - tic,
-                                "scores": _scores(scores)})
     train_opts, source = cell_train_options(table, method, bits, name, seed)
     train_opts = replace(train_opts, num_threads=threads)
     test_opts = _test_options(table, name, table.seed_datasets)
@@ -229,6 +226,35 @@ def run_seed(table: TableOptions, cache: Cache, method: str, bits: int, seed: in
         "method_seconds": summary["seconds"], "score_seconds": time.perf_counter() - tic,
         "val_psnr": summary["val_psnr"], "val_psnr_iter0": summary["val_psnr_iter0"],
         "fp_val_psnr": summary["fp_val_psnr"], "scores": _scores(scores), **describe(train_opts)})
+
+
+def _run_reference(table: TableOptions, cache: Cache, method: str, seed: int, threads: int) -> Dict[str, Any]:
+    """FP, bicubic, or the FP model with its long-skip branch zeroed; the last one is also scored on the
+    calibration validation split (beside the FP model's score there), since that is what it is compared with."""
+    name = f"{table.name}_{method}_s{seed}"
+    path = cache.dir / method / f"s{seed}.json"
+    opts = _test_options(table, name)
+    train_opts = None
+    if method == "Bicubic":
+        opts = replace(opts, network_g={"type": "Bicubic", "upscale": opts.scale},
+                       path=replace(opts.path, pretrain_network_g=None), reference=None)
+    elif method == "FP_body_off":
+        opts = replace(opts, zero_outputs=[table.body_off], reference=None)
+        train_opts = replace(from_dict(TrainOptions, load_yaml(table.train_opt), f"{table.train_opt}:"),
+                             name=name, manual_seed=seed, num_threads=threads)
+    key = run_key(train_opts, opts, seed, threads)
+    if (unit := cache.get(path, key)) is not None:
+        return unit
+    tic = time.perf_counter()
+    scores = run_test(replace(opts, num_threads=threads), table.test_opt, f"scripts/reproduce.py cell {method}")
+    unit = {"cell": method, "method": method, "bits": 32, "seed": seed, "key": key,
+            "threads": threads, "train_seconds": 0.0, "scores": _scores(scores)}
+    if train_opts is not None:
+        ctx = validation_context(train_opts, table.train_opt, cache.dir, log)
+        fp_val = validation_psnr(ctx.fp_model, ctx)
+        val = validation_psnr(zero_outputs(ctx.fp_model, [table.body_off], f"{table.name} body_off"), ctx)
+        unit.update(val_psnr=val, val_psnr_iter0=val, fp_val_psnr=fp_val)
+    return cache.put(path, {**unit, "score_seconds": time.perf_counter() - tic})
 
 
 def describe(opts: TrainOptions) -> Dict[str, Any]:
@@ -294,7 +320,7 @@ def run_rest(table: TableOptions, cache: Cache, unit: Dict[str, Any]) -> Dict[st
 
 def seeds_of(table: TableOptions, method: str, units: List[Dict[str, Any]]) -> List[int]:
     variant = table.variants.get(method, VariantOptions(method))
-    if method in ("FP", "Bicubic") or variant.method in UNTRAINED:
+    if method in REFERENCE or variant.method in UNTRAINED:
         return table.seeds[:1]
     seeds = variant.seeds or table.seeds
     if len(units) >= 2 and float(np.std([u["val_psnr"] for u in units], ddof=1)) > table.std_threshold:
@@ -309,7 +335,7 @@ def run_cell(table: TableOptions, cache: Cache, method: str, bits: int) -> Dict[
         units.append(run_seed(table, cache, method, bits, todo[len(units)]))
         todo = seeds_of(table, method, units)
     rest = None
-    if method not in ("FP", "Bicubic"):
+    if method not in REFERENCE:
         rest = run_rest(table, cache, median_seed(units))
     return aggregate(table, method, bits, units, rest)
 
@@ -354,6 +380,7 @@ def aggregate(table: TableOptions, method: str, bits: int, units: List[Dict[str,
 def cells(table: TableOptions) -> List[tuple]:
     grid = [("FP", 32)] if table.include_fp else []
     grid += [("Bicubic", 32)] if table.include_bicubic else []
+    grid += [("FP_body_off", 32)] if table.body_off else []
     return grid + [(m, b) for b in table.bits for m in table.methods
                    if m not in table.variants or table.variants[m].bits is None or b in table.variants[m].bits]
 
@@ -383,7 +410,10 @@ def render(table: TableOptions, rows: List[Dict[str, Any]], command: str, cache:
              f"the seed with the median validation PSNR. `val it0`: validation PSNR before training (mean). "
              f"Threads per run: {rows[0]['threads'] if rows else '?'}."
              + (" Columns marked *paper* are published numbers, not ours"
-                + (f" ({paper.get('source')})" if paper else "") + "." if paper else ""),
+                + (f" ({paper.get('source')})" if paper else "") + "." if paper else "")
+             + (f" `FP_body_off`: the FP model with the output of `{table.body_off}` (the long skip's residual "
+                f"branch) zeroed, i.e. with no body at all: the floor a quantized body has to beat; its `val` is "
+                f"scored like the trained rows'." if table.body_off else ""),
              f"Cells from commits {', '.join(commits)} (package code {', '.join(codes)}; today's code "
              f"{cache.code})."]
     for b in {id(b): b for c in codes for b in cache.chain(c) or []}.values():  # every link a cell stands on
@@ -475,7 +505,7 @@ def check(opt_path: str, overrides: List[str], n: int, command: str, seed: Optio
     out_dir = Path("results") / table.name
     cache = Cache(out_dir)
     units = [json.loads(p.read_text()) for p in sorted(cache.dir.glob("*/s*.json"))]
-    units = [u for u in units if "val_psnr" in u]
+    units = [u for u in units if "val_psnr" in u and u["method"] not in REFERENCE]
     if not units:
         raise SystemExit(f"{out_dir}: no cached trained run to check")
     common = next_bridge(cache, [u["code"] for u in units])

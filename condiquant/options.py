@@ -67,6 +67,9 @@ class TestOptions:
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     # Key of condiquant/references.yml whose published numbers are printed beside ours.
     reference: Optional[str] = None
+    # Modules whose outputs are replaced by zeros: an ablation, e.g. the residual branch of the long skip (what a
+    # model whose body contributes nothing scores).
+    zero_outputs: List[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         check_model_options(self, where)
@@ -525,6 +528,9 @@ class TableOptions:
     datasets: Optional[List[str]] = None  # subset of the test options' dataset names; None = all
     include_fp: bool = True
     include_bicubic: bool = True
+    # Module of the long skip's residual branch (e.g. IMDN's LR_conv): adds the reference row FP_body_off, the FP
+    # model with that branch's output zeroed, the floor a quantized body has to beat.
+    body_off: Optional[str] = None
     # Overrides applied to every cell's train options (``key.path: value``), e.g. a faster DQC schedule.
     train_overrides: Dict[str, Any] = field(default_factory=dict)
     paper: Optional[str] = None  # key of condiquant/paper_tables.yml printed beside ours

@@ -70,8 +70,43 @@ def score_dataset(model: nn.Module, data: PairedImageFolder, scale: int, val: Va
                         float(np.mean([r["ssim"] for r in images])), time.perf_counter() - start, images)
 
 
+def zero_outputs(model: nn.Module, names: List[str], where: str) -> nn.Module:
+    """Make the named modules output zeros shaped like their input, without running them: a test-time ablation of
+    residual branches (e.g. the long skip's body). Each must keep its input's shape, as such a branch does; that is
+    checked by running it once, on the first call."""
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"{where}: {name!r} is not a module of {type(model).__name__}") from None
+        module.forward = _zeros_like_input(module.forward, f"{where}: {name!r}")
+    return model
+
+
+def _zeros_like_input(forward, label: str):
+    checked: List[bool] = []
+
+    def zeros(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not checked:
+            out = forward(x, *args, **kwargs)
+            if out.shape != x.shape:
+                raise ConfigError(f"{label} maps {tuple(x.shape)} to {tuple(out.shape)}: only a branch that keeps "
+                                  f"its input's shape can be zeroed")
+            checked.append(True)
+        return torch.zeros_like(x)
+
+    return zeros
+
+
 def build_model(opts: TestOptions, source: str, device: torch.device) -> nn.Module:
-    """The FP network with its weights, or the quantized one when the checkpoint holds quantizer bounds."""
+    """The FP network with its weights, or the quantized one when the checkpoint holds quantizer bounds; the
+    outputs of ``opts.zero_outputs`` zeroed."""
+    if opts.zero_outputs and opts.network_g.get("type") == "onnx":
+        raise ConfigError(f"{source} zero_outputs: not supported for an onnx network")
+    return zero_outputs(_load_model(opts, source, device), opts.zero_outputs, f"{source} zero_outputs")
+
+
+def _load_model(opts: TestOptions, source: str, device: torch.device) -> nn.Module:
     if opts.network_g.get("type") == "onnx":  # an exported integer model (scripts/export.py --format onnx)
         from condiquant.deploy.onnx_runtime import OnnxSR
 

@@ -41,9 +41,12 @@ def summary(table_json: Path) -> str:
     data = json.loads(table_json.read_text())
     rows = data["rows"]
     fp = next((r for r in rows if r["method"] == "FP"), None)
+    off = next((r for r in rows if r["method"] == "FP_body_off"), None)
     lines = [f"**{table_json.stem}** (Set5, from `results/{table_json.name}`; paired differences to `{BASELINE}`, "
-             f"mean ± standard error over seeds; FP {fp['scores']['Set5']['psnr_mean']:.2f} dB):" if fp else ""]
-    for bits in sorted({r["bits"] for r in rows if r["method"] not in ("FP", "Bicubic")}):
+             f"mean ± standard error over seeds; FP {fp['scores']['Set5']['psnr_mean']:.2f} dB"
+             + (f", FP with the body off {off['scores']['Set5']['psnr_mean']:.2f} dB" if off else "") + "):"
+             if fp else ""]
+    for bits in sorted({r["bits"] for r in rows if r["bits"] < 32}):
         at = [r for r in rows if r["bits"] == bits]
         base = next((r for r in at if r["method"] == BASELINE), None)
         if base is None:
