@@ -6,7 +6,8 @@ its "in short" summary from the tables' JSON only.
 
 The summary compares every row with the 2DQuant row of the same bit-width on Set5, paired by seed: a row is
 "better" or "worse" only when the mean paired difference exceeds twice its standard error, else "tied"; rows
-with fewer than two seeds in common are not compared.
+with fewer than two seeds in common are not compared. Rows whose Set5 mean is below the table's FP_body_off row
+(the FP model without its body) are marked.
 """
 import json
 import math
@@ -44,20 +45,26 @@ def summary(table_json: Path) -> str:
     off = next((r for r in rows if r["method"] == "FP_body_off"), None)
     lines = [f"**{table_json.stem}** (Set5, from `results/{table_json.name}`; paired differences to `{BASELINE}`, "
              f"mean ± standard error over seeds; FP {fp['scores']['Set5']['psnr_mean']:.2f} dB"
-             + (f", FP with the body off {off['scores']['Set5']['psnr_mean']:.2f} dB" if off else "") + "):"
-             if fp else ""]
+             + (f", FP with the body off {off['scores']['Set5']['psnr_mean']:.2f} dB; † marks rows below that"
+                if off else "") + "):" if fp else ""]
+    floor = off["scores"]["Set5"]["psnr_mean"] if off else float("-inf")
+
+    def below(r: dict) -> str:
+        return " †" if r["scores"]["Set5"]["psnr_mean"] < floor else ""
+
     for bits in sorted({r["bits"] for r in rows if r["bits"] < 32}):
         at = [r for r in rows if r["bits"] == bits]
         base = next((r for r in at if r["method"] == BASELINE), None)
         if base is None:
             continue
-        parts = [f"{BASELINE} {base['scores']['Set5']['psnr_mean']:.2f}"]
+        parts = [f"{BASELINE} {base['scores']['Set5']['psnr_mean']:.2f}{below(base)}"]
         for r in at:
             if r is base:
                 continue
             diff = paired(r, base)
             parts.append(f"{r['method']} " + (verdict(diff) if diff else
-                                              f"{r['scores']['Set5']['psnr_mean']:.2f} (one seed, not compared)"))
+                                              f"{r['scores']['Set5']['psnr_mean']:.2f} (one seed, not compared)")
+                         + below(r))
         lines.append(f"- W{bits}A{bits}: " + "; ".join(parts))
     return "\n".join(lines)
 
