@@ -1,7 +1,9 @@
 """Process-level setup shared by the entry points: device, threads, seeds, output folders, logging."""
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import platform
 import random
 import sys
@@ -27,7 +29,26 @@ def select_device(name: str) -> torch.device:
         raise ConfigError(f"device: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc serve every tensor from its heap and keep freed memory there for the next one (no mmap, no trim),
+    unless the environment sets CONDIQUANT_MALLOC=default. By default each block above 32 MiB is mapped fresh and
+    unmapped when freed, so every forward pays a page fault per 4 KiB of its large activations: on EMT x4 (attention
+    maps of 100+ MB) half of the CPU time went to the kernel (``scripts/bench_malloc.py``). Only where memory comes
+    from changes, not a number; the heap keeps its peak size. False where it was not applied (no glibc mallopt)."""
+    choice = os.environ.get("CONDIQUANT_MALLOC", "keep")
+    if choice not in ("keep", "default"):
+        raise ConfigError(f"CONDIQUANT_MALLOC: {choice!r}; expected keep or default")
+    if choice == "default" or not sys.platform.startswith("linux"):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    return mallopt is not None and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
 def configure(device: str, num_threads: int, seed: int = 0) -> torch.device:
+    keep_freed_memory()
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     random.seed(seed)
