@@ -86,7 +86,8 @@ def main_reproduce(argv: Optional[List[str]] = None) -> int:
     from condiquant.grid import check, run_table
 
     parser = option_parser("scripts/reproduce.py")
-    parser.add_argument("--check", type=int, default=0, metavar="N", help="re-run N random cached runs and compare")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="re-run N random cached runs and compare (N >= 2: a bridge for older code)")
     parser.add_argument("--seed", type=int, default=None, help="which runs --check picks (default: random)")
     parser.add_argument("--cached", action="store_true",
                         help="compute nothing: write the table from cached runs, list the missing cells as pending")

@@ -151,6 +151,9 @@ class QuantOptions:
     # CompSRT's in-quantizer Hadamard transform and scalar decomposition on every quantizer (quant/hadamard.py;
     # method: compsrt); not integer-deployable
     hadamard: bool = False
+    # its integer codes: unclamped (the released code: a trained alpha opens more than 2^b codes) or clamped to the
+    # 2^b codes 0 .. 2^b - 1 (a true b-bit grid; the rotation is still inside the quantizer)
+    hadamard_codes: Literal["unclamped", "clamped"] = "unclamped"
 
     def validate(self, where: str) -> None:
         from condiquant.quant.quantizer import SUPPORTED_BITS
@@ -163,6 +166,8 @@ class QuantOptions:
             raise ConfigError(f"{where}.post_act_quantizer: twin needs a_quantizer 'uniform'")
         if self.hadamard and (self.a_quantizer, self.softmax_quantizer, self.post_act_quantizer) != ("uniform",) * 3:
             raise ConfigError(f"{where}.hadamard: needs uniform a_quantizer, softmax_quantizer and post_act_quantizer")
+        if self.hadamard_codes == "clamped" and not self.hadamard:
+            raise ConfigError(f"{where}.hadamard_codes: clamped needs hadamard: true")
 
 
 @dataclass

@@ -6,7 +6,8 @@
 A uniform grid has 2^b codes by construction. CompSRT's grid (``quant.hadamard``) rounds
 (clip(y, l, u) - Z) / s with s = (u - l) / (2^b - 1) + alpha and Z = l + beta and does not clamp the code (as its
 released code), so once DQC has moved alpha the codes of [l, u] span round((u - l - beta) / s) - round(-beta / s) + 1
-values (in absolute value: with s < 0 the codes descend), which can exceed 2^b. Reported per checkpoint: quantizers and channels,
+values (in absolute value: with s < 0 the codes descend), which can exceed 2^b; with ``quant.hadamard_codes: clamped``
+only those of them within 0 .. 2^b - 1 remain (at least one). Reported per checkpoint: quantizers and channels,
 the share of channels with more than 2^b codes, the median count, and alpha in units of the nominal step.
 Writes ``results/effective_levels_<experiment>.md``.
 """
@@ -23,7 +24,7 @@ from condiquant.config import ConfigError
 from condiquant.quant.checkpoint import _load
 
 
-def levels(params: dict, w_bits: int, a_bits: int) -> dict:
+def levels(params: dict, w_bits: int, a_bits: int, clamped: bool = False) -> dict:
     names = sorted({k[: -len(".lower")] for k in params if k.endswith(".lower")})
     counts, alphas, over, negative = [], [], [], []
     for n in names:
@@ -35,7 +36,11 @@ def levels(params: dict, w_bits: int, a_bits: int) -> dict:
         else:
             a, b = params[f"{n}.alpha"].double(), params[f"{n}.beta"].double()
             s = nominal + a
-            count = (torch.round((hi - lo - b) / s) - torch.round(-b / s)).abs() + 1  # s < 0: codes descend
+            ends = torch.stack([torch.round(-b / s), torch.round((hi - lo - b) / s)])  # s < 0: codes descend
+            first, last = ends.min(0).values, ends.max(0).values
+            if clamped:
+                first, last = first.clamp(0, 2 ** bits - 1), last.clamp(0, 2 ** bits - 1)
+            count = last - first + 1
             alphas.append(a / nominal)
             negative.append(s < 0)
         counts.append(count)
@@ -59,7 +64,7 @@ def main(paths) -> None:
         if not isinstance(ckpt, dict) or "quant" not in ckpt:
             raise ConfigError(f"{p}: not a quantized checkpoint")
         w_bits, a_bits = int(ckpt["quant"]["w_bit"]), int(ckpt["quant"]["a_bit"])
-        r = levels(ckpt["params"], w_bits, a_bits)
+        r = levels(ckpt["params"], w_bits, a_bits, ckpt["quant"].get("hadamard_codes") == "clamped")
         lines.append(f"| `{p}` | W{w_bits}A{a_bits} | {r['quantizers']} | {r['channels']} | {100 * r['over']:.1f}% | "
                      f"{100 * r['negative']:.1f}% | {r['median']:.0f} | {r['alpha_median']:.3f}, "
                      f"{r['alpha_min']:.2f}, {r['alpha_max']:.2f} |")

@@ -49,6 +49,23 @@ def test_grid_is_pad_rotate_quantize_rotate_back_crop(d, axis):
     torch.testing.assert_close(q(x), ref[..., :d].movedim(-1, axis), atol=1e-5, rtol=0)
 
 
+def test_clamped_codes_keep_2_to_the_b_codes():
+    g = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(64, 8, generator=g)
+    h = _h(8)
+    y = (x @ h).clamp(-1.0, 1.5)
+    s, z = 0.5 * 2.5 / 7, -1.0  # alpha = -half the nominal step: [l, u] holds 15 codes unclamped
+    unclamped = torch.round((y - z) / s)
+    assert torch.unique(unclamped).numel() > 8
+    ref = ((unclamped.clamp(0, 7) * s + z) @ h)
+    for clamp, want in ((True, ref), (False, (unclamped * s + z) @ h)):
+        q = HadamardQuantizer(3, axis=-1, clamp_codes=clamp)
+        q.set_bounds(torch.tensor(-1.0), torch.tensor(1.5))
+        with torch.no_grad():
+            q.alpha.fill_(-0.5 * 2.5 / 7)
+        torch.testing.assert_close(q(x), want, atol=1e-5, rtol=0)
+
+
 def test_observer_sees_the_rotated_values():
     x = torch.zeros(2, 8)
     x[:, 1] = 4.0  # one outlier channel: the rotation spreads it over all 8 (+-4 / sqrt(8) each)
@@ -69,6 +86,12 @@ def test_every_quantizer_is_hadamard_and_the_row_is_not_deployable():
     assert all(q.axis == 1 for n, q in qs.items())  # convolutions: input channels (weights and activations)
     with pytest.raises(ConfigError, match="quant.hadamard"):
         save_packed(__import__("pathlib").Path("/nonexistent/x.packed"), model, NET, quant)
+    quant.hadamard_codes = "clamped"
+    model = build_network(NET)
+    attach_quantizers(model, quant)
+    assert all(q.clamp_codes for _, q in named_quantizers(model))
+    with pytest.raises(ConfigError, match="hadamard_codes: clamped needs hadamard: true"):
+        from_dict(QuantOptions, {"w_bit": 4, "a_bit": 4, "hadamard_codes": "clamped"}, "quant")
     with pytest.raises(ConfigError, match="quant.hadamard: true exactly when method is compsrt"):
         from_dict(TrainOptions, {**train_options("2dquant"), "quant": {"w_bit": 4, "a_bit": 4, "hadamard": True}},
                   "t")
@@ -105,3 +128,5 @@ def test_effective_levels_counts_the_codes_a_moved_alpha_opens(project):
     params[f"{name}.alpha"] = -0.5 * nominal  # half the step: the same range now holds 31 codes
     r = script.levels(params, 4, 4)
     assert 0 < r["over"] < 1 and r["alpha_min"] == pytest.approx(-0.5)
+    clamped = script.levels(params, 4, 4, clamped=True)  # quant.hadamard_codes: clamped keeps at most 2^b codes
+    assert clamped["over"] == 0.0 and clamped["median"] == 16

@@ -154,6 +154,10 @@ def test_check_reruns_cached_runs_and_bridges_old_code(project):
     for seed in (0, 1):  # pretend older code made both runs
         path = cells / f"s{seed}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "code": "old"}))
+    bridges_path = project / "results" / "tiny_table" / "bridges.json"
+    before = bridges_path.read_text() if bridges_path.is_file() else "[]"
+    assert check(table, [], 1, "spot", seed=0)["agree"]
+    assert json.loads(bridges_path.read_text()) == json.loads(before)  # one re-run is a spot check, not a bridge
     report = check(table, [], 2, "check", seed=0)
     assert report["agree"] and len(report["checked"]) == 2
     assert all(abs(r["diff"]) < 1e-9 for r in report["checked"])  # one thread, same seed: identical

@@ -90,7 +90,7 @@ def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
         if quant.noisy_bias and kind != "MatMul" and a_bits:
             new.enable_noisy_bias(module.in_features if kind == "Linear" else module.in_channels)
         if quant.hadamard:
-            to_hadamard(new, kind)
+            to_hadamard(new, kind, clamp_codes=quant.hadamard_codes == "clamped")
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         replaced.append(name)

@@ -4,8 +4,9 @@ transform *inside* the fake quantizer, and its "scalar decomposition" of the gri
 The tensor's ``axis`` is zero-padded to the next power of two n, rotated by H / sqrt(n) (Sylvester H, dense),
 quantized, rotated back by the same matrix (H is symmetric, H H = n I) and cropped: the product that follows runs
 on the de-rotated FP tensor. Grid: s = (u - l) / (2^b - 1) + alpha, Z = l + beta, code round((clip(y, l, u) - Z) / s)
-not clamped to [0, 2^b - 1] (as the released code), with alpha and beta trainable (zero at the start, so the
-initial grid is 2DQuant's). Nothing can be folded into an integer kernel: for attention x V the rotated axis of V is
+not clamped to [0, 2^b - 1] (as the released code; ``quant.hadamard_codes: clamped`` clamps it, so that the grid
+keeps 2^b codes whatever alpha becomes), with alpha and beta trainable (zero at the start, so the initial grid is
+2DQuant's). Nothing can be folded into an integer kernel: for attention x V the rotated axis of V is
 not the reduction axis, and the crop after the inverse transform leaves the rotated domain; so ``quant.hadamard``
 rows are marked not deployable and the packed / ONNX exports refuse them.
 
@@ -33,15 +34,17 @@ def _sylvester(n: int) -> torch.Tensor:
 
 
 class HadamardQuantizer(UniformQuantizer):
-    def __init__(self, n_bits: int, num_channels: int = 1, channel_axis: Optional[int] = None, axis: int = -1):
+    def __init__(self, n_bits: int, num_channels: int = 1, channel_axis: Optional[int] = None, axis: int = -1,
+                 clamp_codes: bool = False):
         super().__init__(n_bits, num_channels, channel_axis)
         self.axis = axis
+        self.clamp_codes = clamp_codes
         self.alpha = nn.Parameter(torch.zeros(num_channels))
         self.beta = nn.Parameter(torch.zeros(num_channels))
         self._h: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, hadamard axis={self.axis}"
+        return f"{super().extra_repr()}, hadamard axis={self.axis}" + (", codes clamped" if self.clamp_codes else "")
 
     def _matrix(self, d: int, like: torch.Tensor) -> torch.Tensor:
         n = 1 << max(d - 1, 0).bit_length()
@@ -81,10 +84,12 @@ class HadamardQuantizer(UniformQuantizer):
         s = (hi - lo) / (2 ** self.n_bits - 1) + self._broadcast_rotated(self.alpha, y)
         z = lo + self._broadcast_rotated(self.beta, y)
         code = round_ste((torch.minimum(torch.maximum(y, lo), hi) - z) / s)
+        if self.clamp_codes:
+            code = code.clamp(0, 2 ** self.n_bits - 1)
         return self._back(code * s + z, d)
 
 
-def to_hadamard(module: nn.Module, kind: str) -> None:
+def to_hadamard(module: nn.Module, kind: str, clamp_codes: bool = False) -> None:
     """Replace the uniform quantizers of a freshly quantized module by Hadamard ones of the same shape."""
     for name, q in list(module.named_children()):
         if isinstance(q, nn.ModuleList):
@@ -92,6 +97,6 @@ def to_hadamard(module: nn.Module, kind: str) -> None:
                 if type(sub) is UniformQuantizer:
                     weight = name == "weight_quantizers"
                     axis = 1 if weight else (-1 if kind in ("Linear", "MatMul") else 1)
-                    q[i] = HadamardQuantizer(sub.n_bits, sub.lower.numel(), sub.channel_axis, axis)
+                    q[i] = HadamardQuantizer(sub.n_bits, sub.lower.numel(), sub.channel_axis, axis, clamp_codes)
         elif type(q) is UniformQuantizer:  # MatMul's quant_a / quant_b
-            setattr(module, name, HadamardQuantizer(q.n_bits, q.lower.numel(), q.channel_axis, -1))
+            setattr(module, name, HadamardQuantizer(q.n_bits, q.lower.numel(), q.channel_axis, -1, clamp_codes))
