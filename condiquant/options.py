@@ -136,6 +136,9 @@ class QuantOptions:
     w_bit: int
     a_bit: int
     w_granularity: Literal["tensor", "channel"] = "tensor"
+    # weights on grids centred on an exact zero (quant/quantizer.py SymmetricQuantizer): int8 codes with zero point
+    # 0, which ONNX Runtime's fast symmetric convolution kernels need (scripts/bench_deploy.py)
+    w_symmetric: bool = False
     placement: PlacementOptions = field(default_factory=PlacementOptions)
     # Quantizer of Linear/Conv2d inputs (MatMul inputs and weights stay uniform).
     a_quantizer: Literal["uniform", "dual_region"] = "uniform"
@@ -166,6 +169,8 @@ class QuantOptions:
             raise ConfigError(f"{where}.post_act_quantizer: twin needs a_quantizer 'uniform'")
         if self.hadamard and (self.a_quantizer, self.softmax_quantizer, self.post_act_quantizer) != ("uniform",) * 3:
             raise ConfigError(f"{where}.hadamard: needs uniform a_quantizer, softmax_quantizer and post_act_quantizer")
+        if self.hadamard and self.w_symmetric:
+            raise ConfigError(f"{where}.w_symmetric: CompSRT's Hadamard quantizers (hadamard: true) have their own grid")
         if self.hadamard_codes == "clamped" and not self.hadamard:
             raise ConfigError(f"{where}.hadamard_codes: clamped needs hadamard: true")
 

@@ -154,8 +154,11 @@ def load_packed(path: Path, network_g: Dict[str, Any] | None = None, where: str 
         module = e["name"][: -len(".weight")]
         qname = f"{module}.weight_quantizers.{e['chunk']}"
         q = quantizers[qname]
-        sd[f"{qname}.lower"], sd[f"{qname}.upper"] = bounds[0].reshape(q.lower.shape), bounds[1].reshape(q.upper.shape)
-        q.set_bounds(sd[f"{qname}.lower"], sd[f"{qname}.upper"])
+        lower, upper = bounds[0].reshape(q.upper.shape), bounds[1].reshape(q.upper.shape)
+        q.set_bounds(lower, upper)
+        for key, value in (("lower", lower), ("upper", upper)):
+            if f"{qname}.{key}" in sd:  # a symmetric grid's lower bound follows its upper one (no entry)
+                sd[f"{qname}.{key}"] = value
         numel = int(np.prod(e["shape"]))
         codes = torch.from_numpy(unpack_codes(blob[8 * c:], e["bits"], numel).astype(np.float32)).reshape(e["shape"])
         _, lower, scale = _codes(torch.zeros(e["shape"]), q)

@@ -39,6 +39,7 @@ class AdaRoundQuantizer(UniformQuantizer):
             self.upper.copy_(src.upper)
         self.initialized.copy_(src.initialized)
         self.enabled = src.enabled
+        self.plain_type = type(src)  # what bake_rounding puts back (a symmetric grid stays symmetric)
         self.levels = 2 ** src.n_bits - 1
         frac = self._codes(weight.detach())[1]
         p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
@@ -107,8 +108,9 @@ def bake_rounding(model: nn.Module) -> nn.Module:
             if isinstance(q, AdaRoundQuantizer):
                 q.hard = True
                 baked.append(q.quantize(w))
-                p = UniformQuantizer(q.n_bits, q.lower.numel(), q.channel_axis)
-                p.load_state_dict({k: v for k, v in q.state_dict().items() if k != "rounding"})
+                p = q.plain_type(q.n_bits, q.upper.numel(), q.channel_axis)
+                keys = p.state_dict().keys()
+                p.load_state_dict({k: v for k, v in q.state_dict().items() if k in keys})
                 p.enabled = q.enabled
                 plain.append(p)
             else:

@@ -14,7 +14,7 @@ from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.modules import (ActQuantizerFactory, QuantConv2d, QuantLinear, QuantMatMul, QuantModule,
                                       input_transform)
 from condiquant.quant.patterns import matches
-from condiquant.quant.quantizer import UniformQuantizer
+from condiquant.quant.quantizer import SymmetricQuantizer, UniformQuantizer
 from condiquant.quant.twin import TwinUniformQuantizer
 
 _KINDS = {nn.Linear: "Linear", nn.Conv2d: "Conv2d", MatMul: "MatMul"}
@@ -87,6 +87,9 @@ def attach_quantizers(model: nn.Module, quant: QuantOptions) -> List[str]:
                 make_a = (Log2Quantizer if quant.softmax_quantizer == "log2"
                           else lambda bits: TwinUniformQuantizer(bits, "softmax"))
             new = QuantMatMul(module, a_bits, make_a)
+        if quant.w_symmetric and kind != "MatMul":
+            new.weight_quantizers = nn.ModuleList(SymmetricQuantizer(q.n_bits, q.upper.numel(), q.channel_axis)
+                                                  for q in new.weight_quantizers)
         if quant.noisy_bias and kind != "MatMul" and a_bits:
             new.enable_noisy_bias(module.in_features if kind == "Linear" else module.in_channels)
         if quant.hadamard:

@@ -18,7 +18,7 @@ from condiquant.quant.dual_region import DualRegionObserver, DualRegionQuantizer
 from condiquant.quant.log2 import Log2Quantizer
 from condiquant.quant.observers import DensityObserver, DOBIObserver, MinMaxObserver, PercentileObserver
 from condiquant.quant.patterns import matches
-from condiquant.quant.quantizer import Observer, UniformQuantizer
+from condiquant.quant.quantizer import Observer, SymmetricQuantizer, UniformQuantizer
 from condiquant.quant.twin import TwinUniformQuantizer
 
 
@@ -35,7 +35,8 @@ class ObserverSpec:
     density_ratio_8bit: float = 1e-5
 
     def build(self, q: UniformQuantizer, one_direction: bool) -> Observer:
-        """The observer of ``kind``; dual-region quantizers always get OAQ's min/max + |x|-percentile one."""
+        """The observer of ``kind``; dual-region quantizers always get OAQ's min/max + |x|-percentile one. Symmetric
+        grids get DOBI's symmetric search; the other observers' ranges are covered by the quantizer's grid."""
         if isinstance(q, DualRegionQuantizer):
             return DualRegionObserver(q.bp_percentile, q.init, max_samples=self.max_samples, seed=self.seed)
         if isinstance(q, (Log2Quantizer, TwinUniformQuantizer)):  # scales from the extremes (RepQ-ViT, PTQ4ViT)
@@ -49,8 +50,8 @@ class ObserverSpec:
         if self.kind == "dbdc":
             return DensityObserver(self.density_ratio_8bit if q.n_bits >= 8 else self.density_ratio, axis)
         if self.kind == "dobi":
-            return DOBIObserver(self.dobi_steps, one_direction, channel_axis=axis, max_samples=self.max_samples,
-                                seed=self.seed)
+            return DOBIObserver(self.dobi_steps, one_direction, isinstance(q, SymmetricQuantizer), channel_axis=axis,
+                                max_samples=self.max_samples, seed=self.seed)
         raise ValueError(f"unknown observer {self.kind!r}")
 
 

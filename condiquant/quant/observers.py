@@ -84,21 +84,30 @@ class PercentileObserver(_SamplingObserver):
 
 
 def dobi_search(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_bits: int, steps: int = 100,
-                one_direction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                one_direction: bool = False, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """DOBI: linear search over ``steps`` candidate ranges minimising ||v - Q(v)||_2 per row.
 
     Symmetric search (bell-shaped data): l_i = min + i*d, u_i = max - i*d with d = (max - min) / (2K).
     One-direction search (post-softmax / post-GELU data): l stays at min, u_i = max - i*(max - min)/K, so u
     scans the whole range down to min (the released code's one-direction step). Alg. 1's printed step d would
     stop u at the midpoint, where exponential-like data is still far from its best upper bound.
+    Symmetric search (:class:`SymmetricQuantizer` grids, l = -r u): u scans from the smallest grid covering
+    [min, max] down towards 0 in ``steps`` equal steps.
     """
     d = (hi - lo) / (2 * steps)
     d_u = 2 * d if one_direction else d
+    half = 2 ** (n_bits - 1)
+    ratio = half / (half - 1)
+    top = torch.maximum(hi, -lo / ratio).clamp(min=1e-8)
     best_err = torch.full_like(lo, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
     for i in range(steps):
-        cand_lo = lo if one_direction else lo + i * d
-        cand_hi = hi - i * d_u
+        if symmetric:
+            cand_hi = top * (1 - i / steps)
+            cand_lo = -ratio * cand_hi
+        else:
+            cand_lo = lo if one_direction else lo + i * d
+            cand_hi = hi - i * d_u
         err = (rows - fake_quant(rows, cand_lo[:, None], cand_hi[:, None], n_bits)).pow(2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -108,13 +117,15 @@ def dobi_search(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_bits: 
 
 
 class DOBIObserver(_SamplingObserver):
-    def __init__(self, steps: int = 100, one_direction: bool = False, **kwargs):
+    def __init__(self, steps: int = 100, one_direction: bool = False, symmetric: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.steps = steps
         self.one_direction = one_direction
+        self.symmetric = symmetric
 
     def bounds(self, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return dobi_search(self.samples(), self.lo.cpu(), self.hi.cpu(), n_bits, self.steps, self.one_direction)
+        return dobi_search(self.samples(), self.lo.cpu(), self.hi.cpu(), n_bits, self.steps, self.one_direction,
+                           self.symmetric)
 
 
 def density_clip(x: torch.Tensor, ratio: float, bins: int = 2048) -> tuple[float, float]:

@@ -96,12 +96,15 @@ class UniformQuantizer(nn.Module):
             raise ValueError("per-tensor quantizer must have num_channels == 1")
         self.n_bits = n_bits
         self.channel_axis = channel_axis
-        self.lower = nn.Parameter(torch.zeros(num_channels))
-        self.upper = nn.Parameter(torch.ones(num_channels))
+        self._make_bounds(num_channels)
         # A buffer, so a saved quantized checkpoint restores quantizers in their active state.
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
         self.observer: Optional[Observer] = None
+
+    def _make_bounds(self, num_channels: int) -> None:
+        self.lower = nn.Parameter(torch.zeros(num_channels))
+        self.upper = nn.Parameter(torch.ones(num_channels))
 
     def extra_repr(self) -> str:
         gran = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
@@ -131,3 +134,33 @@ class UniformQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """The rounding itself (subclasses with another grid override only this)."""
         return fake_quant(x, self._broadcast(self.lower, x), self._broadcast(self.upper, x), self.n_bits)
+
+
+class SymmetricQuantizer(UniformQuantizer):
+    """A uniform grid centred on an exact zero: codes -2^(b-1) .. 2^(b-1) - 1 times one step s, so
+    (l, u) = (-2^(b-1) s, (2^(b-1) - 1) s), the usual int8 weight grid (zero point 0). Only ``upper`` is a parameter;
+    ``lower`` follows it. ONNX Runtime runs convolutions whose int8 weights have zero point 0 with its symmetric
+    kernels (``quant.w_symmetric``; scripts/bench_deploy.py)."""
+
+    def _make_bounds(self, num_channels: int) -> None:
+        self.upper = nn.Parameter(torch.ones(num_channels))
+
+    @property
+    def ratio(self) -> float:
+        """-l / u of the grid: 2^(b-1) / (2^(b-1) - 1)."""
+        half = 2 ** (self.n_bits - 1)
+        return half / (half - 1)
+
+    @property
+    def lower(self) -> torch.Tensor:
+        return -self.ratio * self.upper
+
+    @torch.no_grad()
+    def set_bounds(self, lower: torch.Tensor, upper: torch.Tensor) -> None:
+        """The smallest symmetric grid that covers [lower, upper]; a ``lower`` within float rounding of
+        -ratio * ``upper`` (a symmetric grid's own bounds) keeps ``upper`` exactly."""
+        lower = torch.as_tensor(lower, dtype=self.upper.dtype).reshape(self.upper.shape)
+        upper = torch.as_tensor(upper, dtype=self.upper.dtype).reshape(self.upper.shape)
+        cover = -lower / self.ratio
+        self.upper.copy_(torch.where(cover > upper * (1 + 1e-6), cover, upper).clamp(min=1e-8))
+        self.initialized.fill_(True)
