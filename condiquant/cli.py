@@ -114,6 +114,9 @@ def main_export(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--scale", type=int, default=0, help="onnx: the scale, if network_g has no upscale")
     parser.add_argument("--quantize-outputs", action="store_true",
                         help="onnx: 8-bit Q/DQ on quantized layers' outputs (integer convolutions in ONNX Runtime)")
+    parser.add_argument("--float-outputs", type=int, default=2,
+                        help="onnx, with --quantize-outputs: leave this many layers' outputs float, those whose "
+                             "8-bit rounding costs most on calibration crops")
     return run_cli(lambda: main(parser.parse_args(argv)))
 
 

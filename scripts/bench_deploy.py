@@ -10,7 +10,9 @@ same bits on Set5 and Urban100.
 The quantized model is calibrated here with ``--method`` (default DOBI: no training, so the benchmark measures
 the runtime, not a method). Sizes of the inputs: a Set5-sized (128x128 LR) and an Urban100-sized (256x192 LR)
 image. ``--w-bits``: weights at other bits than activations (W4A8: 4-bit weight grids run by the same int8 kernels,
-since ONNX Runtime has no sub-byte convolution; the packed file carries the 4-bit size). Writes
+since ONNX Runtime has no sub-byte convolution; the packed file carries the 4-bit size). ``--set
+quant.w_symmetric=true``: 8-bit weights on grids with zero point 0, which ONNX Runtime runs with its faster
+symmetric kernels (below 8 bits the exported zero point is 0 on any grid). Writes
 ``results/bench_deploy_<arch>_x<scale>_W<w>A<b>.json`` and its ``.md`` twin, naming this command.
 """
 from __future__ import annotations
@@ -69,7 +71,7 @@ def main(args, command: str) -> dict:
     calib = [b for b in ctx.calibration_batches()]
     arch, s, b = opts.network_g["type"], opts.scale, args.bits
     fp_onnx = export_onnx(fp, work / "fp.onnx", s, args.tile)  # no quantizer: a plain float graph
-    int_onnx = export_onnx(fq, work / "int.onnx", s, args.tile, output_batches=calib)
+    int_onnx = export_onnx(fq, work / "int.onnx", s, args.tile, output_batches=calib, float_outputs=args.float_outputs)
     runners = {"FP32 torch": lambda x: fp(x * r) / r, "fake-quant torch": lambda x: fq(x * r) / r,
                "fake-quant torch, weights frozen": lambda x: frozen(x * r) / r,
                "FP32 ONNX Runtime": OnnxSR(fp_onnx, args.threads), "INT ONNX Runtime": OnnxSR(int_onnx, args.threads)}
@@ -90,6 +92,7 @@ def main(args, command: str) -> dict:
                       "int": score_dataset(runners["INT ONNX Runtime"], data, s, val, ctx.device).psnr}
     big = latency["Urban100-sized"]  # the ratios are taken on the larger input
     report = {"command": command, "model": f"{arch}_x{s}", "bits": b, "w_bits": wb, "method": opts.method, "threads": args.threads,
+              "w_symmetric": ctx.quant.w_symmetric,
               "latency_s": latency, "throughput_img_per_s": {k: {n: 1 / t for n, t in v.items()}
                                                            for k, v in latency.items()},
               "int8_speedup_vs_fp32_torch": big["FP32 torch"] / big["INT ONNX Runtime"],
@@ -97,14 +100,16 @@ def main(args, command: str) -> dict:
                                          "after": big["fake-quant torch, weights frozen"] / big["FP32 torch"]},
               "packed_bytes": size.file_bytes, "theoretical_bytes": size.theoretical_bytes,
               "fakequant_checkpoint_bytes": (work / "q.pth").stat().st_size, "onnx_bytes": int_onnx.stat().st_size,
-              "optimized_ops": optimized_ops(int_onnx),
+              "optimized_ops": optimized_ops(int_onnx), "float_outputs": runners["INT ONNX Runtime"].meta["float_outputs"],
               "psnr_int8": psnr["Set5"]["int"], "psnr_fakequant": psnr["Set5"]["fakequant"], "psnr": psnr}
     out = Path("results") / f"bench_deploy_{arch}_x{s}_W{wb}A{b}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [f"# Deployment benchmark: {arch} x{s} W{wb}A{b} ({opts.method})", "",
              f"`{command}`: {args.threads} threads, "
-             f"median of {args.repeats} after a warm-up; integer model with 8-bit outputs of quantized layers.", "",
+             f"median of {args.repeats} after a warm-up; integer model with 8-bit outputs of the quantized "
+             f"layers but {len(report['float_outputs'])} float ones ({', '.join(report['float_outputs']) or '-'}: "
+             f"`--float-outputs`, those whose rounding costs most on calibration crops).", "",
              "| runner | " + " | ".join(f"{k} s/img" for k in SIZES) + " | x FP32 torch (Urban100-sized) |",
              "|---|---|---|---|"]
     for name in runners:
@@ -126,6 +131,8 @@ if __name__ == "__main__":
     parser.add_argument("--w-bits", type=int, default=None, help="weight bits, if not --bits")
     parser.add_argument("--method", default="dobi")
     parser.add_argument("--tile", type=int, default=None, help="fixed LR tile for window-attention archs")
+    parser.add_argument("--float-outputs", type=int, default=2,
+                        help="quantized layers whose outputs stay float (those whose 8-bit rounding costs most)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--datasets", nargs="+", default=["Set5", "Urban100"],

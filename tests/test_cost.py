@@ -18,7 +18,7 @@ SWINIR_LIGHT_X4 = {"type": "SwinIR", "upscale": 4, "img_size": 64, "window_size"
 
 
 def preset_quant(arch: str, bits: int, granularity: str = "tensor") -> QuantOptions:
-    return QuantOptions(bits, bits, granularity, resolve_placement(arch, PlacementOptions(), "test"))
+    return QuantOptions(bits, bits, granularity, placement=resolve_placement(arch, PlacementOptions(), "test"))
 
 
 class Tiny(nn.Module):

@@ -52,28 +52,62 @@ def test_quantized_outputs_make_the_convolutions_integer(tmp_path):
         assert (OnnxSR(tmp_path / "int.onnx")(x) - model(x)).abs().max() < 4 / 255  # one more 8-bit rounding
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_weight_codes_are_centred_in_int8_and_w8a8_warns_on_avx2(tmp_path, bits, monkeypatch, caplog):
-    """b-bit weight codes are stored in [-2^(b-1), 2^(b-1) - 1] (not shifted to the bottom of int8, where 4-bit
-    codes near -128 saturate ORT's AVX2 kernels); only a W8A8 model warns on an x86 CPU without VNNI."""
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (8, False), (8, True)], ids=["w4", "w8", "w8sym"])
+def test_weight_zero_points_are_0_up_to_6_bits_and_on_symmetric_grids(tmp_path, bits, symmetric, monkeypatch,
+                                                                      caplog):
+    """ONNX Runtime's fast symmetric int8 kernels need weight zero point 0: b-bit codes c are stored as c - z (z the
+    zero point) up to 6 bits, so |code| <= 63 and its AVX2 kernels (pairs of u8 x s8 products added in int16) cannot
+    saturate; at 8 bits asymmetric grids are centred (c - 128, zero point z - 128), symmetric ones have z = 0. Only
+    a W8A8 model warns on an x86 CPU without VNNI."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     from condiquant.deploy.onnx_runtime import session
 
-    model, _, _ = quantized(IMDN, bits, "channel")
-    path = export_onnx(align_zero_points(model), tmp_path / "m.onnx", scale=2)
+    model, _, _ = quantized(IMDN, bits, "channel", symmetric=symmetric)
+    align_zero_points(model)
+    path = export_onnx(model, tmp_path / "m.onnx", scale=2, output_batches=[torch.rand(4, 3, 16, 16)])
     session(path, optimized=tmp_path / "opt.onnx")  # ONNX Runtime folds Q(float weight) into int8 codes
-    codes = [numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "opt.onnx")).graph.initializer
-             if t.data_type == onnx.TensorProto.INT8 and t.dims and t.dims[0] > 1 and len(t.dims) == 4]
-    assert codes and min(int(c.min()) for c in codes) >= -2 ** (bits - 1)
-    assert max(int(c.max()) for c in codes) <= 2 ** (bits - 1) - 1
+    graph = onnx.load(str(tmp_path / "opt.onnx")).graph
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "QLinearConv"]
+    assert len(convs) >= sum(1 for m in model.modules() if type(m).__name__ == "QuantConv2d")
+    zeros = np.concatenate([init[n.input[5]].reshape(-1) for n in convs])
+    codes = [init[n.input[3]] for n in convs]
+    assert (not zeros.any()) == (bits <= 6 or symmetric)
+    assert max(int(np.abs(c).max()) for c in codes) <= (2 ** bits - 1 if bits <= 6 else 128)
     assert max(int(np.abs(c).max()) for c in codes) > 2 ** (bits - 2)  # the grid is used, not squeezed
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        diff = (OnnxSR(path)(x) - model(x)).abs()
+    if bits == 8:  # one more 8-bit rounding per layer output (at A4 it moves the next 4-bit roundings too)
+        assert diff.mean() < 0.5 / 255 and diff.max() < 4 / 255
     monkeypatch.setattr("condiquant.deploy.onnx_runtime.x86_without_vnni", lambda: True)
     with caplog.at_level("WARNING", logger="condiquant"):
         OnnxSR(path)
     assert ("saturate" in caplog.text) == (bits == 8)
+
+
+def test_float_outputs_leave_the_costliest_layers_float_and_bring_the_model_closer(tmp_path):
+    import json
+
+    import onnx
+
+    model, _, _ = quantized(IMDN, 8, "channel", symmetric=True)
+    align_zero_points(model)
+    batches = [torch.rand(4, 3, 16, 16)]
+    x = torch.rand(1, 3, 24, 24)
+    errors, ops = [], []
+    for k in (0, 2):
+        path = export_onnx(model, tmp_path / f"m{k}.onnx", scale=2, output_batches=batches, float_outputs=k)
+        meta = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+        assert len(meta["float_outputs"]) == k
+        ops.append(optimized_ops(path).get("QLinearConv", 0))
+        with torch.no_grad():
+            errors.append(float((OnnxSR(path)(x) - model(x)).pow(2).mean()))
+    assert ops[1] == ops[0] - 2
+    assert errors[1] < errors[0]
 
 
 def test_emt_exports_at_a_fixed_tile_and_runs_integer_matmuls(tmp_path):
@@ -120,7 +154,7 @@ def test_export_script_and_test_py_score_the_onnx_model(project):
     from condiquant.deploy.export import main as export
 
     report = export(argparse.Namespace(opt="train.yml", set=[], checkpoint=None, out=None, format="onnx", tile=None,
-                                       scale=0, quantize_outputs=False))
+                                       scale=0, quantize_outputs=False, float_outputs=0))
     scores = {}
     for name, net, ckpt in (("fq", NET, report["checkpoint"]), ("onnx", {"type": "onnx", "path": report["onnx"]},
                                                                   None)):
@@ -159,7 +193,7 @@ def test_bench_deploy_writes_every_acceptance_field(project, w_bits):
     bench = load_script("bench_deploy")
     bench.SIZES = {"Set5-sized": (16, 16), "Urban100-sized": (20, 24)}
     report = bench.main(argparse.Namespace(opt="train.yml", set=[], bits=8, w_bits=w_bits, method="dobi", tile=None,
-                                           repeats=1, threads=1, datasets=["Set5", "Urban100"]), "bench")
+                                           repeats=1, threads=1, float_outputs=1, datasets=["Set5", "Urban100"]), "bench")
     import json
     saved = json.loads((project / "results" / f"bench_deploy_IMDN_x2_W{w_bits or 8}A8.json").read_text())
     assert {"model", "bits", "packed_bytes", "theoretical_bytes", "int8_speedup_vs_fp32_torch", "psnr_int8",

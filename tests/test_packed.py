@@ -25,10 +25,10 @@ def test_bit_packing_round_trip(bits):
     np.testing.assert_array_equal(unpack_codes(data, bits, 1001), codes)
 
 
-def quantized(net: dict, bits: int, granularity: str) -> tuple:
+def quantized(net: dict, bits: int, granularity: str, symmetric: bool = False) -> tuple:
     torch.manual_seed(0)
     model = build_network(net).eval()
-    quant = QuantOptions(w_bit=bits, a_bit=bits, w_granularity=granularity)
+    quant = QuantOptions(w_bit=bits, a_bit=bits, w_granularity=granularity, w_symmetric=symmetric)
     quant.placement = resolve_placement(net["type"], quant.placement, "quant.placement")
     attach_quantizers(model, quant)
     x = torch.rand(4, 3, 16, 16) * getattr(model, "input_range", 1.0)
@@ -56,6 +56,23 @@ def test_packed_model_is_bit_identical_and_sized_by_the_formula(tmp_path, net, g
     assert size.theoretical_bits == 32 * fp + bits * q + 64 * pairs and size.quantized == q
     assert size.file_bytes == (tmp_path / "m.cqpack").stat().st_size
     assert size.file_bytes < size.theoretical_bytes * 1.25  # tiny nets: the header weighs more than on real ones
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_weights_survive_the_packed_file_and_the_checkpoint(tmp_path, bits):
+    from condiquant.quant.checkpoint import build_quantized, save_quantized
+    from condiquant.quant.quantizer import SymmetricQuantizer
+
+    model, quant, x = quantized(IMDN, bits, "channel", symmetric=True)
+    weight_qs = [q for _, q, _ in weight_quantizer_inputs(model)]
+    assert weight_qs and all(type(q) is SymmetricQuantizer for q in weight_qs)
+    save_packed(tmp_path / "m.cqpack", model, IMDN, quant)
+    save_quantized(tmp_path / "m.pth", model, IMDN, quant)
+    with torch.no_grad():
+        out = model(x)
+        for loaded in (load_packed(tmp_path / "m.cqpack", IMDN), build_quantized(tmp_path / "m.pth", IMDN, "t")):
+            assert torch.equal(loaded.eval()(x), out)
+            assert all(type(q) is SymmetricQuantizer for _, q, _ in weight_quantizer_inputs(loaded))
 
 
 @pytest.mark.parametrize("net", [IMDN, EMT], ids=["imdn", "emt"])

@@ -9,7 +9,7 @@ from condiquant.options import QuantOptions
 from condiquant.quant.attach import attach_quantizers, named_quantizers
 from condiquant.quant.observers import DOBIObserver, MinMaxObserver, PercentileObserver
 from condiquant.quant.presets import resolve_placement
-from condiquant.quant.quantizer import UniformQuantizer, fake_quant, fake_quant_reference
+from condiquant.quant.quantizer import SymmetricQuantizer, UniformQuantizer, fake_quant, fake_quant_reference
 
 SWINIR_LIGHT_X4 = {"type": "SwinIR", "upscale": 4, "img_size": 64, "window_size": 8, "img_range": 1.0,
                    "depths": [6, 6, 6, 6], "embed_dim": 60, "num_heads": [6, 6, 6, 6], "mlp_ratio": 2,
@@ -180,6 +180,41 @@ def test_one_direction_dobi_passes_the_midpoint_and_equals_brute_force(bits):
         errs = [(v - fake_quant(v, mn, mx - i * (mx - mn) / 100, bits)).pow(2).sum().item() for i in range(100)]
         best = min(range(100), key=errs.__getitem__)
         assert hi[row].item() == pytest.approx((mx - best * (mx - mn) / 100).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_quantizer_is_the_zero_point_0_grid_and_trains_only_its_upper_bound(bits):
+    half = 2 ** (bits - 1)
+    q = SymmetricQuantizer(bits, 3, channel_axis=0)
+    assert [n for n, _ in q.named_parameters()] == ["upper"] and "lower" not in q.state_dict()
+    q.set_bounds(torch.tensor([-2.0, -0.5, -1.0]), torch.tensor([1.0, 0.9, 2.0]))  # the smallest covering grids
+    step = q.upper.detach() / (half - 1)
+    assert (q.lower.detach() <= torch.tensor([-2.0, -0.5, -1.0])).all() and (q.upper >= torch.tensor([1.0, 0.9, 2.0])).all()
+    assert torch.isclose(q.lower.detach(), -half * step).all() and (q.upper > 0.9 * torch.tensor([1.0, 0.9, 2.0])).all()
+    x = torch.randn(3, 500) * 1.5
+    expected = torch.clamp(torch.round(x / step[:, None]), -half, half - 1) * step[:, None]  # codes, zero point 0
+    out = q(x)
+    assert (out - expected).abs().max() < 1e-5 * step.max()
+    assert all(len(torch.unique(out[c])) <= 2 ** bits for c in range(3))
+    (out * torch.randn_like(out)).sum().backward()
+    assert q.upper.grad is not None and q.upper.grad.abs().sum() > 0
+    q.set_bounds(q.lower.detach(), q.upper.detach())  # its own bounds: unchanged
+    torch.testing.assert_close(q.upper.detach(), step * (half - 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_symmetric_dobi_searches_symmetric_grids_and_beats_the_covering_one(bits):
+    torch.manual_seed(0)
+    x = torch.randn(2, 20_000) * torch.tensor([[1.0], [3.0]]) + torch.tensor([[0.3], [-1.0]])
+    obs = DOBIObserver(steps=100, symmetric=True, channel_axis=0)
+    obs.observe(x)
+    lo, hi = obs.bounds(bits)
+    half = 2 ** (bits - 1)
+    torch.testing.assert_close(lo, -half / (half - 1) * hi)
+    cover = torch.maximum(x.max(1).values, -x.min(1).values * (half - 1) / half)
+    err = (x - fake_quant(x, lo[:, None], hi[:, None], bits)).pow(2).sum(1)
+    err_cover = (x - fake_quant(x, -half / (half - 1) * cover[:, None], cover[:, None], bits)).pow(2).sum(1)
+    assert (hi < cover).all() and (err < 0.7 * err_cover).all()
 
 
 def test_gram_matmul_puts_both_operands_on_one_grid():

@@ -6,7 +6,7 @@
 ``onnx``: QuantizeLinear/DequantizeLinear graph for ONNX Runtime's integer kernels (``condiquant/deploy/
 onnx_export.py``; zero points aligned to the integer grid first, ``--tile`` for window-attention archs,
 ``--quantize-outputs`` for 8-bit Q/DQ on the quantized layers' outputs so that the convolutions run as
-QLinearConv); prints the op types ONNX Runtime executes after its optimisations. Score it with test.py:
+QLinearConv, but for the ``--float-outputs`` layers whose output rounding costs most); prints the op types ONNX Runtime executes after its optimisations. Score it with test.py:
 ``network_g: {type: onnx, path: FILE}``.
 
 ``packed``: quantized weights as bit-packed b-bit integer codes plus their (l, u) per tensor or channel, the rest
@@ -60,7 +60,8 @@ def main(args: argparse.Namespace) -> dict:
             crops = CalibrationImages(c.roots, scale, c.val_fraction, c.split_seed, "calib").random_crops(
                 c.num_patches, args.tile or c.patch_size, np.random.default_rng(0))
             batches = crops.split(c.chunk_size)
-        export_onnx(align_zero_points(model), out, scale, args.tile, output_batches=batches)
+        export_onnx(align_zero_points(model), out, scale, args.tile, output_batches=batches,
+                    float_outputs=args.float_outputs)
         report = {"checkpoint": str(ckpt), "onnx": str(out), "bytes": out.stat().st_size, "tile": args.tile,
                   "quantized_outputs": bool(args.quantize_outputs),
                   "optimized_ops": optimized_ops(out)}

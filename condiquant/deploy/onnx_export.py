@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,7 @@ from condiquant.quant.attach import named_quantizers, weight_quantizer_inputs
 from condiquant.quant.dual_region import DualRegionQuantizer
 from condiquant.quant.hadamard import HadamardQuantizer
 from condiquant.quant.log2 import Log2Quantizer
+from condiquant.quant.observers import DOBIObserver
 from condiquant.quant.quantizer import SymmetricQuantizer, UniformQuantizer
 from condiquant.quant.twin import TwinUniformQuantizer
 
@@ -117,13 +118,7 @@ def to_qdq(model: nn.Module) -> nn.Module:
     for name, q in list(named_quantizers(out)):
         if not q.enabled:  # e.g. weights frozen for scoring: they are quantized already
             continue
-        parent, _, child = name.rpartition(".")
-        container = out.get_submodule(parent)
-        new = QDQ(q, name in weights)
-        if isinstance(container, nn.ModuleList):
-            container[int(child)] = new
-        else:
-            setattr(container, child, new)
+        out.set_submodule(name, QDQ(q, name in weights))
     return out
 
 
@@ -141,51 +136,64 @@ class OutputQDQ(nn.Module):
 
 
 @torch.no_grad()
-def quantize_outputs(model: nn.Module, batches, input_range: float = 1.0) -> nn.Module:
-    """Wrap every quantized Linear/Conv2d of a :func:`to_qdq` model in :class:`OutputQDQ`, the output range being
-    the min/max over ``batches`` (LR crops in 0..1)."""
+def quantize_outputs(model: nn.Module, batches, input_range: float = 1.0, float_outputs: int = 0) -> List[str]:
+    """Wrap the quantized Linear/Conv2d layers of a :func:`to_qdq` model in :class:`OutputQDQ` (in place). Each
+    output range is DOBI's 8-bit search over the outputs on ``batches`` (LR crops in 0..1): min/max ranges are
+    stretched by rare outliers (IMDN x4: 12-36 wide). The ``float_outputs`` layers whose output rounding costs the
+    most keep float outputs (ONNX Runtime runs them as float ops on dequantized operands): the cost of a layer is
+    how much closer the model comes to its float-output self on the first batch when that one rounding is
+    removed. Returns the names of the layers left float."""
     from condiquant.quant.modules import QuantConv2d, QuantLinear
 
+    if float_outputs < 0:
+        raise ConfigError(f"float_outputs: must be >= 0, got {float_outputs}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
-    ranges = {}
-
-    def hook(name):
-        def record(_m, _i, out):
-            lo, hi = out.min(), out.max()
-            old = ranges.get(name)
-            ranges[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    observers = {name: DOBIObserver(max_samples=1 << 18) for name, _ in layers}
+    handles = [m.register_forward_hook(lambda _m, _i, out, name=n: observers[name].observe(out)) for n, m in layers]
     try:
         for batch in batches:
             model(batch * input_range)
     finally:
         for h in handles:
             h.remove()
+    first = batches[0] * input_range
+    reference = model(first) if float_outputs else None
+    wrapped = {}
     for name, layer in layers:
         q = UniformQuantizer(8)
-        q.set_bounds(*ranges[name])
-        parent, _, child = name.rpartition(".")
-        container = model.get_submodule(parent) if parent else model
-        wrapped = OutputQDQ(layer, q)
-        if isinstance(container, (nn.ModuleList, nn.Sequential)) and child.isdigit():
-            container[int(child)] = wrapped
-        else:
-            setattr(container, child, wrapped)
-    return model
+        q.set_bounds(*observers[name].bounds(8))
+        wrapped[name] = OutputQDQ(layer, q)
+        model.set_submodule(name, wrapped[name])
+    if not float_outputs:
+        return []
+
+    def error() -> float:
+        return float((model(first) - reference).pow(2).mean())
+
+    full = error()
+    gain = {}
+    for name, w in wrapped.items():
+        model.set_submodule(name, w.layer)
+        gain[name] = full - error()
+        model.set_submodule(name, w)
+    kept = sorted(gain, key=gain.__getitem__, reverse=True)[:float_outputs]
+    for name in kept:
+        model.set_submodule(name, wrapped[name].layer)
+    return kept
 
 
 def export_onnx(model: nn.Module, path: Path, scale: int, tile: Optional[int] = None, opset: int = 17,
-                output_batches=None) -> Path:
+                output_batches=None, float_outputs: int = 0) -> Path:
     """Write the quantized ``model`` to ``path`` (see the module docstring); returns ``path``. With
-    ``output_batches`` (LR crops in 0..1) the quantized layers' outputs get 8-bit Q/DQ too
-    (:func:`quantize_outputs`), so that ONNX Runtime runs the convolutions as QLinearConv."""
+    ``output_batches`` (LR crops in 0..1) the quantized layers' outputs get 8-bit Q/DQ too, but for the
+    ``float_outputs`` layers where that rounding costs most (:func:`quantize_outputs`), so that ONNX Runtime runs
+    the convolutions as QLinearConv. The metadata names the layers left float."""
     import onnx
 
     qdq = to_qdq(model)
+    kept: List[str] = []
     if output_batches is not None:
-        quantize_outputs(qdq, output_batches, float(getattr(model, "input_range", 1.0)))
+        kept = quantize_outputs(qdq, list(output_batches), float(getattr(model, "input_range", 1.0)), float_outputs)
     graph = _ImageIO(qdq).eval()
     side = tile or 32
     sample = torch.rand(1, 3, side, side)
@@ -200,7 +208,8 @@ def export_onnx(model: nn.Module, path: Path, scale: int, tile: Optional[int] = 
     for name, q in named_quantizers(model):
         if q.enabled:
             bits[name in weights] = max(bits[name in weights], q.n_bits)
-    meta = {"scale": scale, "tile": tile or 0, "producer": "condiquant", "w_bits": bits[True], "a_bits": bits[False]}
+    meta = {"scale": scale, "tile": tile or 0, "producer": "condiquant", "w_bits": bits[True], "a_bits": bits[False],
+            "float_outputs": kept}
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, json.dumps(v)

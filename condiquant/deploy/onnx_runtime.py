@@ -66,7 +66,8 @@ class OnnxSR(nn.Module):
         self.session = session(path, threads)
         import onnx
 
-        meta = {p.key: json.loads(p.value) for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        self.meta = meta = {p.key: json.loads(p.value)
+                            for p in onnx.load(str(path), load_external_data=False).metadata_props}
         self.scale, self.tile = int(meta.get("scale", 0)), int(meta.get("tile", 0))
         if not self.scale:
             raise ConfigError(f"{path}: no 'scale' in the model's metadata (not exported by condiquant)")

@@ -24,7 +24,6 @@ from condiquant.engine.loop import Phase, capture, train_loop
 from condiquant.methods.condiquant import conditioned_quantized
 from condiquant.methods.context import PTQContext
 from condiquant.quant.attach import named_quantizers, select_modules, step_scales, weight_quantizer_inputs
-from condiquant.quant.dual_region import DualRegionQuantizer
 from condiquant.quant.patterns import matches
 from condiquant.transforms.conditioning import forward_with_input_hooks
 
@@ -78,9 +77,8 @@ def parameter_groups(model: nn.Module) -> List[List[nn.Parameter]]:
     weight_names = {name for name, _, _ in weight_quantizer_inputs(model)}
     groups: List[List[nn.Parameter]] = [[], [], []]
     for name, q in named_quantizers(model):
-        groups[0 if name in weight_names else 1] += [q.lower, q.upper]
-        if isinstance(q, DualRegionQuantizer):
-            groups[2].append(q.breakpoint)
+        for pname, p in q.named_parameters():  # a symmetric weight grid has only ``upper``
+            groups[2 if pname == "breakpoint" else 0 if name in weight_names else 1].append(p)
     for label, group in zip(GROUPS, groups):
         if not group:
             raise ValueError(f"SAFT: the model has no {label} to train (needs quant.a_quantizer: dual_region)")
