@@ -13,7 +13,6 @@ ratio to the first bit-width and the count of quantizers whose error grew. Write
 """
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -21,8 +20,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from condiquant.cli import option_parser, run_cli
-from condiquant.config import ConfigError, apply_overrides, from_dict, load_yaml
+from condiquant.cli import command_line, load_options, option_parser, run_cli
+from condiquant.config import ConfigError
 from condiquant.engine.loop import validation_psnr
 from condiquant.options import TrainOptions
 from condiquant.ptq import validation_context
@@ -60,8 +59,8 @@ def main(argv: List[str]) -> None:
         raise ConfigError(f"--bits: not a comma-separated list of integers: {args.bits!r}") from None
     if any(b < 2 for b in bits):
         raise ConfigError(f"--bits: bit-widths must be >= 2: {args.bits!r}")
-    command = " ".join(shlex.quote(a) for a in ["python", "scripts/dual_region_levels.py", *argv])
-    opts = from_dict(TrainOptions, apply_overrides(load_yaml(args.opt), args.set, args.opt), f"{args.opt}:")
+    command = command_line("scripts/dual_region_levels.py", argv)
+    opts = load_options(TrainOptions, args.opt, args.set)
     out = Path("results") / f"dual_region_levels_{opts.name}.md"
     out.parent.mkdir(exist_ok=True)
     logger = setup_logger(out.with_suffix(".log"))
