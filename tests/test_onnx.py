@@ -13,8 +13,8 @@ from condiquant.deploy.onnx_runtime import OnnxSR, optimized_ops, x86_without_vn
 # when both operands use all 8 bits. Measured by running ORT under valgrind (which hides AVX-512 from the program,
 # so ORT takes its AVX2 kernels) on a tiny IMDN (scripts/check_onnx_avx2.py, results/onnx_avx2_check.md): W8A8 is
 # 0.016 off the VNNI result, W8A7, W7A8 and W4A8 compute the same integers. So only W8A8 exactness tests fail there.
-W8A8_INTEGER_EXACT = pytest.mark.xfail(x86_without_vnni(), strict=False,
-                                       reason="ORT u8 x s8 int16 saturation at W8A8 on AVX2 without VNNI")
+SATURATION = "ORT u8 x s8 int16 saturation at W8A8 on AVX2 without VNNI"
+W8A8_INTEGER_EXACT = pytest.mark.xfail(x86_without_vnni(), strict=False, reason=SATURATION)
 
 pytest.importorskip("onnxruntime", reason="the [deploy] extra (onnx, onnxruntime) is not installed")
 
@@ -81,12 +81,16 @@ def test_weight_zero_points_are_0_up_to_6_bits_and_on_symmetric_grids(tmp_path, 
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         diff = (OnnxSR(path)(x) - model(x)).abs()
-    if bits == 8:  # one more 8-bit rounding per layer output (at A4 it moves the next 4-bit roundings too)
-        assert diff.mean() < 0.5 / 255 and diff.max() < 4 / 255
     monkeypatch.setattr("condiquant.deploy.onnx_runtime.x86_without_vnni", lambda: True)
     with caplog.at_level("WARNING", logger="condiquant"):
         OnnxSR(path)
     assert ("saturate" in caplog.text) == (bits == 8)
+    # one more 8-bit rounding per layer output (at A4 it moves the next 4-bit roundings too); checked last, so that
+    # on a CPU without VNNI everything above is still asserted before the saturating W8A8 kernels excuse the rest
+    if bits == 8 and not (diff.mean() < 0.5 / 255 and diff.max() < 4 / 255):
+        if x86_without_vnni():
+            pytest.xfail(SATURATION)
+        pytest.fail(f"W8A8 ONNX Runtime output off the fake-quant model: mean {diff.mean():.4f}, max {diff.max():.4f}")
 
 
 def test_float_outputs_leave_the_costliest_layers_float_and_bring_the_model_closer(tmp_path):
