@@ -90,7 +90,7 @@ def test_weight_zero_points_are_0_up_to_6_bits_and_on_symmetric_grids(tmp_path, 
     if bits == 8 and not (diff.mean() < 0.5 / 255 and diff.max() < 4 / 255):
         if x86_without_vnni():
             pytest.xfail(SATURATION)
-        pytest.fail(f"W8A8 ONNX Runtime output off the fake-quant model: mean {diff.mean():.4f}, max {diff.max():.4f}")
+        pytest.fail(f"W8A8 ORT output off the fake-quant model: mean {diff.mean():.4f}, max {diff.max():.4f}")
 
 
 def test_float_outputs_leave_the_costliest_layers_float_and_bring_the_model_closer(tmp_path):
